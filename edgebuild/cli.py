@@ -1,0 +1,242 @@
+"""Click commands. Maps errors to exit codes, nothing else.
+
+0 success · 1 internal bug (traceback) · 2 bad input (error: + hint:) · 3 a gate failed
+(table) · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgebuildError, GateFailed
+
+
+def _fail(err: EdgebuildError, verbose: bool) -> int:
+    if isinstance(err, GateFailed) and err.rows:
+        widths = [max(len(str(r[i])) for r in [("target", "budget", "limit", "measured"), *err.rows]) for i in range(4)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(("target", "budget", "limit", "measured"), widths)), err=True)
+        for r in err.rows:
+            click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), err=True)
+    click.echo(f"error: {err.message}", err=True)
+    if err.hint:
+        click.echo(f"hint: {err.hint}", err=True)
+    if verbose:
+        traceback.print_exception(err)
+    return err.exit_code
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        verbose = bool(ctx.params.get("verbose")) or os.environ.get("EDGEBUILD_VERBOSE") == "1"
+        try:
+            return super().invoke(ctx)
+        except EdgebuildError as e:
+            ctx.exit(_fail(e, verbose))
+        except KeyboardInterrupt:
+            click.echo("interrupted: the cache and the previous dist/ are intact", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgebuild")
+@click.option("-v", "--verbose", is_flag=True, help="show tracebacks and library warnings")
+@click.pass_context
+def cli(ctx, verbose):
+    """edgebuild: transfer, compress, export, validate and bundle models for edge devices."""
+    ctx.obj = {"verbose": verbose}
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript|nncf|openvino|transformers).*")
+
+
+@cli.command()
+@click.argument("config", default="edgebuild.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", "targets", multiple=True, help="target profile (repeatable); default: the build file's targets")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="output folder; default: dist/ beside CONFIG")
+@click.option("--force", is_flag=True, help="ignore the cache")
+@click.option("--json", "as_json", is_flag=True, help="one JSON summary on stdout, no progress bars")
+@click.option("--targets-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="extra folder of target profiles")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR", help="stage cache folder")
+def build(config, targets, out, force, as_json, targets_dir, cache_dir):
+    """Build one validated bundle per target from CONFIG."""
+    from .cache import Cache
+    from .config import load_build_config
+    from .pipeline import Build
+    from .progress import Progress
+
+    t0 = time.perf_counter()
+    cfg = load_build_config(config)
+    progress = Progress("quiet" if as_json else "auto")
+    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir))
+    try:
+        result = b.run()
+    except GateFailed:
+        if as_json and (b.out / "report.json").exists():
+            click.echo((b.out / "report.json").read_text())
+        raise
+    report = result.report
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    _summary(report, b.out)
+    click.echo(f"built {len(result.bundles)} bundle(s) in {time.perf_counter() - t0:.1f}s; report: {b.out / 'report.html'}")
+
+
+def _summary(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['name']} {report['version']}")
+    for col in ("target", "precision", "accuracy", "agreement", "p50 ms", "size", "status", "bundle"):
+        table.add_column(col)
+    for name, t in report["targets"].items():
+        m = t["metrics"]
+        measured = m.get("status") == "measured"
+        table.add_row(
+            name, t["profile"]["precision"],
+            f"{m['accuracy']:.4f}" if measured else "-",
+            f"{m['agreement']:.4f}" if measured else "-",
+            f"{m['latency_p50_ms']:.3f}" if measured else "-",
+            f"{m['size_bytes'] / 1e3:.1f} kB",
+            t["status"] if measured else f"not run: {m.get('reason')}",
+            str(out / t["bundle"]),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+@cli.group()
+def targets():
+    """Target profiles."""
+
+
+def _registry(config: Path | None, dirs):
+    from .profiles import ProfileRegistry
+
+    extra = list(dirs)
+    cfg_path = config or Path("edgebuild.yaml")
+    if cfg_path.is_file():
+        extra.insert(0, cfg_path.resolve().parent / "targets")
+    return ProfileRegistry(extra)
+
+
+@targets.command("list")
+@click.option("-c", "--config", type=click.Path(dir_okay=False, path_type=Path), help="build file whose targets/ folder to include")
+@click.option("--targets-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path))
+def targets_list(config, targets_dir):
+    """Built-in and user profiles, one line each."""
+    from .profiles import unavailable_reason
+
+    reg = _registry(config, targets_dir)
+    for n in reg.names():
+        p = reg.get(n)
+        reason = unavailable_reason(p)
+        here = "runs here" if reason is None else "not on this host"
+        click.echo(f"{n:<32} {reg.origin[n]:<8} {p.runtime:<11} {p.device:<5} {p.arch:<8} {p.precision:<5} {here:<16} {p.description}")
+
+
+@targets.command("show")
+@click.argument("name")
+@click.option("-c", "--config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--targets-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path))
+def targets_show(name, config, targets_dir):
+    """The fully resolved profile NAME (YAML)."""
+    import yaml
+
+    reg = _registry(config, targets_dir)
+    p = reg.get(name)
+    click.echo(f"# {reg.files[name]} ({reg.origin[name]})")
+    click.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle):
+    """Check a bundle folder or .tar.gz against its manifest checksums."""
+    from .verify import verify_bundle
+
+    result = verify_bundle(bundle)
+    click.echo(f"ok: {bundle}: {result['files']} files match the manifest ({result['schema']})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def validate(bundle, as_json):
+    """Re-run a bundle's self-test and benchmark on this host."""
+    from .verify import validate_bundle
+
+    result = validate_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"selftest: {result['selftest']}")
+        b = result.get("benchmark")
+        if b:
+            click.echo(f"latency p50 {b['p50_ms']:.3f} ms, p90 {b['p90_ms']:.3f} ms over {b['iterations']} runs (build host: p50 {result.get('build_p50_ms')})")
+    if result["selftest"] != "passed":
+        sys.exit(3)
+
+
+@cli.group()
+def cache():
+    """The stage cache."""
+
+
+@cache.command("ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR")
+def cache_ls(cache_dir):
+    """Entries with stage, size and age."""
+    from .cache import Cache
+
+    c = Cache(cache_dir)
+    entries = c.entries()
+    now = time.time()
+    for e in entries:
+        click.echo(f"{e['stage']:<10} {e['key']}  {e['bytes'] / 1e6:8.2f} MB  {(now - e['last_used']) / 3600:7.1f} h ago")
+    click.echo(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.2f} MB in {c.root}")
+
+
+@cache.command("clear")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR")
+def cache_clear(cache_dir):
+    """Remove every entry."""
+    from .cache import Cache
+
+    c = Cache(cache_dir)
+    n = c.clear()
+    click.echo(f"removed {n} entries from {c.root}")
+
+
+def main(argv=None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted: the cache and the previous dist/ are intact", err=True)
+        return 130
+
+
+def main_entry() -> None:
+    sys.exit(main())

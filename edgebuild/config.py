@@ -1,0 +1,318 @@
+"""The build file and target profiles as typed, validated models.
+
+Unknown keys are refused with the key, the file and the allowed keys (plus the closest valid
+name); every other error names the file, the field path, the bad value and what is allowed.
+Relative paths in the build file resolve against the build file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, closest, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build file
+# ----------------------------------------------------------------------------------------------
+
+
+class BackboneConfig(_Strict):
+    source: str = Field(description="python:FILE.py:FUNC | python:pkg.mod:FUNC | hf:ID_OR_DIR | timm:NAME | torchvision:NAME")
+    weights: Optional[str] = None
+    classifier: Optional[str] = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        schemes = ("python", "hf", "timm", "torchvision")
+        scheme, sep, rest = v.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"expected SCHEME:REFERENCE with SCHEME one of {', '.join(schemes)}")
+        if scheme not in schemes:
+            raise ValueError(f"unknown provider '{scheme}': {did_you_mean(scheme, schemes)}")
+        return v
+
+
+class DataConfig(_Strict):
+    train: str
+    val: str
+
+
+class PreprocessConfig(_Strict):
+    input_size: tuple[int, int] = Field(description="height, width")
+    color: Literal["rgb", "bgr", "grayscale"] = "rgb"
+    resize: Literal["stretch", "letterbox", "center-crop"] = "stretch"
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= s <= 8192 for s in v):
+            raise ValueError("height and width must be between 1 and 8192")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "grayscale" else 3
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PreprocessConfig":
+        for key in ("mean", "std"):
+            n = len(getattr(self, key))
+            if n not in (1, self.channels):
+                raise ValueError(f"{key} has {n} values; color '{self.color}' needs 1 or {self.channels}")
+        return self
+
+
+class TransferConfig(_Strict):
+    mode: Literal["finetune", "features", "scratch"] = "finetune"
+    epochs: int = Field(10, ge=0, le=10000)
+    warmup_epochs: int = Field(0, ge=0, le=10000, description="head-only epochs before fine-tuning all weights")
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(0.01, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PruneConfig(_Strict):
+    ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    scope: Literal["global", "uniform"] = "uniform"
+    keep: list[str] = Field(default_factory=list, description="module names never pruned (the new head always is)")
+    recover_epochs: int = Field(0, ge=0, le=10000)
+    lr: Optional[float] = Field(None, gt=0, le=10)
+
+
+class DistillConfig(_Strict):
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.5, ge=0, le=1)
+
+
+class QuantizeConfig(_Strict):
+    calibration_samples: int = Field(300, ge=1, le=100000)
+
+
+class CompressConfig(_Strict):
+    prune: Optional[PruneConfig] = None
+    distill: Optional[DistillConfig] = None
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+
+
+class Budgets(_Strict):
+    max_latency_ms: Optional[float] = Field(None, gt=0, description="p90 latency on the target runtime")
+    max_size_mb: Optional[float] = Field(None, gt=0)
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)
+    min_agreement: Optional[float] = Field(None, ge=0, le=1, description="top-1 agreement with the reference")
+
+
+class BuildConfig(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    version: str = "0.1.0"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    backbone: BackboneConfig
+    data: DataConfig
+    preprocess: PreprocessConfig
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    targets: list[str] = Field(default_factory=lambda: ["x86-onnxruntime-fp32"], min_length=1)
+    budgets: Budgets = Field(default_factory=Budgets)
+
+    # set by the loader, not by the user
+    path: Optional[Path] = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it names folders and archives)")
+        return v
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, p: str | None) -> Path | None:
+        if p is None:
+            return None
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (self.root / q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Target profiles
+# ----------------------------------------------------------------------------------------------
+
+
+class QuantizationScheme(_Strict):
+    method: Literal["static"] = "static"
+    format: Literal["qdq"] = "qdq"
+    per_channel: bool = True
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    preset: Literal["performance", "mixed"] = "performance"
+
+
+class TargetProfile(_Strict):
+    name: str
+    description: str = ""
+    extends: Optional[str] = None
+    runtime: Literal["onnxruntime", "openvino"]
+    device: str = "CPU"
+    arch: Literal["x86_64", "aarch64", "armv7l", "any"] = "x86_64"
+    format: Literal["onnx", "openvino"] = "onnx"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    opset: int = Field(18, ge=7, le=30)
+    batch: Union[int, Literal["dynamic"]] = 1
+    threads: int = Field(0, ge=0, le=1024, description="0 = runtime default")
+    align: int = Field(8, ge=1, le=256, description="pruned channel counts are rounded to multiples of this")
+    quantization: QuantizationScheme = Field(default_factory=QuantizationScheme)
+    fallback: Literal["fp16", "fp32", "fail"] = "fail"
+    budgets: Budgets = Field(default_factory=Budgets)
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("batch must be >= 1 or 'dynamic'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TargetProfile":
+        if self.runtime == "onnxruntime" and self.format != "onnx":
+            raise ValueError("runtime onnxruntime needs format: onnx")
+        if self.runtime == "openvino" and self.format != "openvino":
+            raise ValueError("runtime openvino needs format: openvino")
+        if self.runtime == "onnxruntime" and self.precision == "fp16":
+            raise ValueError("fp16 is supported for openvino targets only; use fp32 or int8")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and error formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}", hint="check the path (relative paths resolve against the current folder)")
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder, not a file: {path}", hint="pass the YAML file itself")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint="save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})", hint="check the file's permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}", hint="fix the YAML syntax at that line") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty", hint=f"a {what} is a YAML mapping; see the README for an example")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping at the top, got {type(data).__name__}",
+            hint=f"a {what} is a mapping of keys such as 'name:' and 'backbone:'",
+        )
+    return data
+
+
+def _model_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Allowed keys at a location inside ``model`` (for 'unknown key' errors)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        cur = _unwrap_model(ann)
+        if cur is None:
+            return None
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return [k for k, f in cur.model_fields.items() if not f.exclude]
+    return None
+
+
+def _unwrap_model(ann: Any) -> Any:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, path: Path, model: type[BaseModel]) -> ConfigError:
+    lines = []
+    hint = None
+    for e in err.errors():
+        loc = tuple(e.get("loc", ()))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        kind = e.get("type", "")
+        value = e.get("input")
+        if kind == "extra_forbidden":
+            allowed = _model_fields(model, loc) or []
+            key = str(loc[-1]) if loc else "?"
+            best = closest(key, allowed)
+            msg = f"unknown key '{field}'"
+            if best:
+                msg += f" (did you mean '{best}'?)"
+            msg += f"; allowed keys here: {', '.join(allowed)}"
+            lines.append(msg)
+            hint = hint or (f"rename '{key}' to '{best}'" if best else "remove the key")
+            continue
+        if kind == "missing":
+            lines.append(f"'{field}' is required")
+            hint = hint or f"add '{loc[-1]}:' to the file"
+            continue
+        msg = e.get("msg", "invalid value")
+        if kind == "literal_error":
+            expected = (e.get("ctx") or {}).get("expected", "")
+            allowed = [a.strip().strip("'\"") for a in expected.replace(" or ", ",").split(",") if a.strip()]
+            best = closest(str(value), allowed)
+            msg = f"must be one of {', '.join(allowed)}" + (f" (did you mean '{best}'?)" if best else "")
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"'{field}' = {shown}: {msg}")
+    head = f"{path}: " + lines[0] if len(lines) == 1 else f"{path}: {len(lines)} problems: " + "; ".join(lines)
+    return ConfigError(head, hint=hint or "fix the value; see the README for the build-file reference")
+
+
+def load_build_config(path: str | os.PathLike) -> BuildConfig:
+    path = Path(path).resolve()
+    data = _read_yaml(path, "build file")
+    try:
+        cfg = BuildConfig.model_validate(data)
+    except ValidationError as e:
+        raise format_validation_error(e, path, BuildConfig) from None
+    cfg.path = path
+    return cfg

@@ -1,0 +1,70 @@
+"""The one error root of edgebuild.
+
+Every error a user can cause is an :class:`EdgebuildError` with a one-line message and a
+hint; the CLI turns it into ``error:``/``hint:`` lines and the exit code of its class. Any
+other exception is a bug (exit 1, traceback shown).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Sequence
+
+
+class EdgebuildError(Exception):
+    """Base of all expected errors. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message
+
+
+class ConfigError(EdgebuildError):
+    """The build file or a target profile is wrong."""
+
+
+class DataError(EdgebuildError):
+    """The dataset (image folders, images) is wrong."""
+
+
+class WeightsError(EdgebuildError):
+    """A weights file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class ModelError(EdgebuildError):
+    """The model cannot be built, adapted, pruned, exported or quantized."""
+
+
+class BundleError(EdgebuildError):
+    """A bundle is altered, incomplete, unsafe or of an unknown schema."""
+
+
+class GateFailed(EdgebuildError):
+    """A budget or validation gate failed. ``rows`` lists (target, budget, limit, measured)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, rows: Sequence[tuple[str, str, str, str]], hint: str | None = None):
+        super().__init__(message, hint)
+        self.rows = list(rows)
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The closest valid name to a misspelled one, or None."""
+    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    choices = sorted(str(c) for c in choices)
+    best = closest(name, choices)
+    allowed = ", ".join(choices)
+    if best:
+        return f"did you mean '{best}'? allowed: {allowed}"
+    return f"allowed: {allowed}"

@@ -1,0 +1,488 @@
+"""Plans the stage graph for the chosen targets and runs it through the cache.
+
+Shared stages (transfer, then prune+distill per channel alignment) run once; per-target
+stages (export, quantize, validate, bundle) run once per target profile. Every stage key is
+computed up front from its params and its inputs' keys, so the plan says before anything runs
+which stages are cached and why the others run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import __version__
+from .cache import Cache, make_key
+from .config import BuildConfig, TargetProfile
+from .data import (
+    calibration_indices,
+    check_same_classes,
+    fingerprint_folder,
+    load_arrays,
+    preprocess_args,
+    scan_folder,
+    sha256_file,
+)
+from .errors import ConfigError, EdgebuildError, GateFailed
+from .profiles import ProfileRegistry, unavailable_reason
+from .progress import Progress
+from .stages import bundle as bundle_stage
+from .stages import export as export_stage
+from .stages import quantize as quantize_stage
+from .stages import transfer as transfer_stage
+from .stages import validate as validate_stage
+
+PACKAGES = ["torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torch-pruning", "numpy", "pillow", "transformers"]
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    Xtrain: np.ndarray
+    ytrain: np.ndarray
+    Xval: np.ndarray
+    yval: np.ndarray
+    val_files: list[Path]
+    fingerprint: str
+    train_counts: dict
+    val_counts: dict
+
+
+@dataclass
+class Step:
+    stage: str
+    target: str  # "" for shared stages
+    key: str
+    params: dict
+    inputs: dict
+    cached: bool = False
+    reason: str = ""
+
+
+@dataclass
+class BuildResult:
+    report: dict
+    bundles: list[Path] = field(default_factory=list)
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Build:
+    def __init__(self, cfg: BuildConfig, targets: Optional[list[str]] = None, out: Optional[Path] = None,
+                 cache: Optional[Cache] = None, progress: Optional[Progress] = None, targets_dirs: tuple = ()):
+        self.cfg = cfg
+        self.out = Path(out) if out else cfg.root / "dist"
+        self.cache = cache or Cache()
+        self.progress = progress or Progress("quiet")
+        dirs = [cfg.root / "targets", *[Path(d) for d in targets_dirs]]
+        self.registry = ProfileRegistry(dirs)
+        names = list(dict.fromkeys(targets or cfg.targets))
+        self.profiles: dict[str, TargetProfile] = {}
+        for n in names:
+            self.profiles[n] = self.registry.get(n)
+        self._data: Optional[Data] = None
+        self._models: dict[str, Any] = {}
+        self.stage_times: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ inputs
+    def data(self) -> Data:
+        if self._data is None:
+            cfg = self.cfg
+            train = scan_folder(cfg.resolve(cfg.data.train), "train")
+            val = scan_folder(cfg.resolve(cfg.data.val), "val")
+            check_same_classes(train, val)
+            total = len(train) + len(val)
+            with self.progress.task("loading images", total) as t:
+                Xtr, ytr = load_arrays(train, cfg.preprocess, lambda n: t.update(n) if n % 200 == 0 else None)
+                Xva, yva = load_arrays(val, cfg.preprocess, lambda n: t.update(len(train) + n) if n % 200 == 0 else None)
+                t.update(total)
+            fp = make_key("data", 1, {}, {"train": fingerprint_folder(train), "val": fingerprint_folder(val)})
+            self._data = Data(train.classes, Xtr, ytr, Xva, yva, val.files, fp, train.class_counts(), val.class_counts())
+        return self._data
+
+    def _backbone_inputs(self) -> dict:
+        cfg = self.cfg
+        inputs = {}
+        scheme, _, ref = cfg.backbone.source.partition(":")
+        if scheme == "python":
+            target = ref.rpartition(":")[0]
+            if target.endswith(".py"):
+                p = cfg.resolve(target)
+                if p.is_file():
+                    inputs["backbone_code"] = sha256_file(p)
+        elif scheme == "hf":
+            d = cfg.resolve(ref)
+            if d.is_dir():
+                inputs["backbone_dir"] = make_key("dir", 1, {}, {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()})
+        if cfg.backbone.weights:
+            w = cfg.resolve(cfg.backbone.weights)
+            inputs["weights"] = sha256_file(w) if w.is_file() else "missing"
+        return inputs
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> list[Step]:
+        cfg = self.cfg
+        data = self.data()
+        steps: list[Step] = []
+        pv = {p: bundle_stage.pkg_version(p) for p in PACKAGES}
+        tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,
+                   "source": cfg.backbone.source, "classifier": cfg.backbone.classifier}
+        tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
+        transfer = Step("transfer", "", make_key("transfer", transfer_stage.VERSION, tparams, tinputs), tparams, tinputs)
+        steps.append(transfer)
+        for name, prof in self.profiles.items():
+            model_step = transfer
+            eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
+            einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
+                       "openvino": pv["openvino"] if prof.format == "openvino" else None}
+            export = Step("export", name, make_key("export", export_stage.VERSION, eparams, einputs), eparams, einputs)
+            steps.append(export)
+            artifact = export
+            if prof.precision == "int8":
+                qparams = {"runtime": prof.runtime, "scheme": prof.quantization.model_dump(), "batch": prof.batch,
+                           "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed}
+                qinputs = {"model": export.key, "data": data.fingerprint, "tool": pv["onnxruntime"] if prof.runtime == "onnxruntime" else [pv["openvino"], pv["nncf"]]}
+                artifact = Step("quantize", name, make_key("quantize", quantize_stage.VERSION, qparams, qinputs), qparams, qinputs)
+                steps.append(artifact)
+            vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,
+                       "arch": prof.arch, "available": unavailable_reason(prof)}
+            vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
+                       "runtime": pv["onnxruntime"] if prof.runtime == "onnxruntime" else pv["openvino"]}
+            steps.append(Step("validate", name, make_key("validate", validate_stage.VERSION, vparams, vinputs), vparams, vinputs))
+        for s in steps:
+            s.cached = self.cache.get(s.stage, s.key) is not None
+            s.reason = "cached" if s.cached else self._why(s)
+        return steps
+
+    def _why(self, step: Step) -> str:
+        if not self.cache.enabled:
+            return "--force"
+        stage_dir = self.cache.root / step.stage
+        if not stage_dir.is_dir():
+            return "no cache yet"
+        # the most recent entry of this stage for this target, to name what changed
+        best, best_t = None, -1.0
+        for d in stage_dir.iterdir():
+            e = d / "entry.json"
+            if not e.is_file():
+                continue
+            try:
+                desc = json.loads(e.read_text()).get("describe", {})
+            except (OSError, ValueError):
+                continue
+            if desc.get("target") != step.target or desc.get("name") != self.cfg.name:
+                continue
+            t = e.stat().st_mtime
+            if t > best_t:
+                best, best_t = desc, t
+        if best is None:
+            return "new"
+        changed = [f"param {k}" for k in sorted(set(step.params) | set(best.get("params", {}))) if step.params.get(k) != best.get("params", {}).get(k)]
+        changed += [f"input {k}" for k in sorted(set(step.inputs) | set(best.get("inputs", {}))) if step.inputs.get(k) != best.get("inputs", {}).get(k)]
+        return "changed: " + ", ".join(changed) if changed else "changed"
+
+    # ------------------------------------------------------------------ stage execution
+    def _stage(self, step: Step, build: Callable[[Path], Any]) -> Path:
+        hit = self.cache.get(step.stage, step.key)
+        if hit is not None:
+            return hit
+        label = f"{step.stage}" + (f" [{step.target}]" if step.target else "")
+        self.progress.log(f"running {label}")
+        t0 = time.perf_counter()
+        describe = {"name": self.cfg.name, "target": step.target, "params": step.params, "inputs": step.inputs}
+        path, _ = self.cache.put(step.stage, step.key, describe, build)
+        self.stage_times[label] = time.perf_counter() - t0
+        return path
+
+    def _torch_model(self, step: Step, entry: Path):
+        if step.key not in self._models:
+            self._models[step.key] = transfer_stage.load_model(self.cfg, entry)
+        return self._models[step.key]
+
+    def run(self) -> BuildResult:
+        cfg = self.cfg
+        t_build = time.perf_counter()
+        steps = self.plan()
+        self._print_plan(steps)
+        data = self.data()
+        by = {(s.stage, s.target): s for s in steps}
+        example = transfer_stage.example_input(cfg)
+
+        tstep = by[("transfer", "")]
+        tdir = self._stage(tstep, lambda out: transfer_stage.run(cfg, data, out, self.progress))
+        tmeta = json.loads((tdir / "meta.json").read_text())
+        ref_logits = np.load(tdir / "val_logits.npy")
+        fp32_acc = float(tmeta["val_accuracy"])
+        calib_idx = calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)
+
+        targets_report = {}
+        gate_rows = []
+        staged = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+        try:
+            for name, prof in self.profiles.items():
+                estep = by[("export", name)]
+
+                def do_export(out, prof=prof):
+                    meta = export_stage.run(self._torch_model(tstep, tdir), example, prof, out)
+                    (out / "meta.json").write_text(json.dumps(meta))
+                    (out / "model.onnx").unlink() if prof.format == "openvino" else None
+                edir = self._stage(estep, do_export)
+                artifact, precision_meta = edir, {}
+                if prof.precision == "int8":
+                    qstep = by[("quantize", name)]
+                    calib = data.Xtrain[calib_idx]
+
+                    def do_quant(out, edir=edir, prof=prof, calib=calib):
+                        meta = quantize_stage.run(prof, edir, out, calib)
+                        (out / "quantize.json").write_text(json.dumps(meta))
+                    artifact = self._stage(qstep, do_quant)
+                    precision_meta = json.loads((artifact / "quantize.json").read_text())
+                vstep = by[("validate", name)]
+                golden = bundle_stage.golden_indices(data.yval)
+
+                def do_validate(out, artifact=artifact, prof=prof):
+                    m = validate_stage.run(prof, artifact, prof.precision, data.Xval, data.yval, ref_logits, self.progress)
+                    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+                    np.save(out / "golden_outputs.npy", self._golden_outputs(prof, artifact, data.Xval[golden]))
+                vdir = self._stage(vstep, do_validate)
+                metrics = json.loads((vdir / "metrics.json").read_text())
+                budgets = validate_stage.merged_budgets(prof, cfg.budgets)
+                rows = validate_stage.gates(name, prof.precision, metrics, budgets, fp32_acc)
+                gate_rows += rows
+                bundle_name = f"{cfg.name}-{name}"
+                bdir = staging / bundle_name
+                bdir.mkdir()
+                manifest = self._manifest(prof, artifact, metrics, tmeta, precision_meta, data, calib_idx, rows)
+                bundle_stage.write_bundle(bdir, self._bundle_ctx(prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy")))
+                staged.append(bundle_name)
+                targets_report[name] = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name,
+                                        "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
+            report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
+            failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
+            if failed:
+                report["status"] = "failed"
+                self._write_report(report)
+                raise GateFailed(
+                    f"{len(failed)} budget or validation gate(s) failed; no bundle was written",
+                    [(r["target"], r["budget"], str(r["limit"]), str(r["measured"])) for r in failed],
+                    hint="relax the budget in the target profile or build file, or change the model/compression",
+                )
+            report["status"] = "ok"
+            bundles = self._commit(staging, staged)
+            self._write_report(report)
+            return BuildResult(report, bundles)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray) -> np.ndarray:
+        """Outputs the artifact gives for the golden inputs on this host (the CPU of the same
+        runtime when the target's own device is absent)."""
+        from .runtimes import open_runner
+
+        p = prof
+        if unavailable_reason(prof):
+            p = prof.model_copy(update={"device": "CPU", "arch": "any"})
+            if unavailable_reason(p):
+                raise EdgebuildError(f"cannot compute golden outputs for {prof.name}: {unavailable_reason(p)}", hint="install the target's runtime on the build host")
+        return open_runner(p, artifact).run(x)
+
+    def _print_plan(self, steps: list[Step]) -> None:
+        self.progress.log(f"plan for {self.cfg.name} ({len(self.profiles)} target(s)):")
+        for s in steps:
+            label = s.stage + (f" [{s.target}]" if s.target else " [shared]")
+            self.progress.log(f"  {label:<48} {'cached' if s.cached else 'run'}{'' if s.cached else ' (' + s.reason + ')'}")
+
+    def _manifest(self, prof, artifact, metrics, tmeta, qmeta, data, calib_idx, rows) -> dict:
+        cfg = self.cfg
+        files = self._model_files(prof)
+        static = prof.batch if isinstance(prof.batch, int) else "N"
+        shape_in = [static, cfg.preprocess.channels, *cfg.preprocess.input_size]
+        counts = {}
+        for i in calib_idx:
+            c = data.classes[int(data.ytrain[i])]
+            counts[c] = counts.get(c, 0) + 1
+        import hashlib
+
+        calib_hash = hashlib.sha256(np.ascontiguousarray(data.Xtrain[calib_idx]).tobytes()).hexdigest()
+        m = {k: metrics.get(k) for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms", "throughput_ips") if k in metrics}
+        m.update({
+            "status": metrics["status"],
+            "reason": metrics.get("reason"),
+            "size_bytes": metrics["size_bytes"],
+            "macs": tmeta["macs"],
+            "params": tmeta["params"],
+            "fp32_reference_accuracy": tmeta["val_accuracy"],
+            "validation": {"runtime_settings": metrics.get("settings"), "host": metrics.get("host"), "samples": metrics.get("samples"),
+                           "benchmark": metrics.get("benchmark")},
+            "gates": rows,
+        })
+        weights = cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None
+        return {
+            "schema": bundle_stage.SCHEMA,
+            "name": cfg.name,
+            "version": cfg.version,
+            "target": prof.model_dump(mode="json"),
+            "model": {
+                "files": files,
+                "file": files[0],
+                "format": prof.format,
+                "precision": prof.precision,
+                "inputs": [{"name": export_stage.INPUT_NAME, "shape": shape_in, "dtype": "float32", "layout": "NCHW"}],
+                "outputs": [{"name": export_stage.OUTPUT_NAME, "shape": [static, len(data.classes)], "dtype": "float32", "layout": "NC"}],
+                "quantization": qmeta or None,
+                "calibration": {"samples": int(len(calib_idx)), "class_counts": counts, "sha256": calib_hash, "seed": cfg.seed} if prof.precision == "int8" else None,
+            },
+            "preprocess": preprocess_args(cfg.preprocess),
+            "labels": list(data.classes),
+            "metrics": m,
+            "transfer": {k: tmeta[k] for k in ("mode", "head", "features", "val_accuracy", "device", "mean_epoch_seconds")},
+            "provenance": {
+                "config_sha256": sha256_file(cfg.path) if cfg.path else None,
+                "data_sha256": data.fingerprint,
+                "backbone_source": cfg.backbone.source,
+                "backbone_weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,
+                "seed": cfg.seed,
+                "packages": {"edgebuild": __version__, **{p: bundle_stage.pkg_version(p) for p in PACKAGES}},
+                "git_commit": git_commit(cfg.root),
+            },
+        }
+
+    def _model_files(self, prof: TargetProfile) -> list[str]:
+        return ["model.onnx"] if prof.format == "onnx" else ["model.xml", "model.bin"]
+
+    def _bundle_ctx(self, prof, artifact, manifest, data, golden, golden_out) -> dict:
+        from .runtimes.openvino import inference_precision
+
+        ov_prec = "f32"
+        if prof.runtime == "openvino":
+            import openvino as ov
+
+            try:
+                ov_prec = inference_precision(ov.Core(), prof.device, prof.precision)
+            except Exception:
+                ov_prec = "f16" if prof.precision == "fp16" else "f32"
+        runtime_pkg = "onnxruntime" if prof.runtime == "onnxruntime" else "openvino"
+        from .profiles import ort_provider
+
+        files = manifest["model"]["files"]
+        template = {
+            "edgebuild_version": __version__,
+            "title": f"{self.cfg.name} {self.cfg.version} for {prof.name}",
+            "name": self.cfg.name,
+            "version": self.cfg.version,
+            "target": prof.name,
+            "description": prof.description,
+            "runtime": prof.runtime,
+            "runtime_package": runtime_pkg,
+            "runtime_version": bundle_stage.pkg_version(runtime_pkg),
+            "numpy_min": "1.24",
+            "pillow_min": "9.1",
+            "model_file": files[0],
+            "format": prof.format,
+            "device": prof.device,
+            "arch": prof.arch,
+            "precision": prof.precision,
+            "threads": prof.threads,
+            "providers": [ort_provider(prof.device)],
+            "inference_precision": ov_prec,
+            "preprocess": preprocess_args(self.cfg.preprocess),
+            "labels": list(data.classes),
+            "input_name": export_stage.INPUT_NAME,
+            "output_name": export_stage.OUTPUT_NAME,
+            "input_shape": manifest["model"]["inputs"][0]["shape"],
+            "output_shape": manifest["model"]["outputs"][0]["shape"],
+            "has_cpp": prof.runtime == "openvino" and (Path(__file__).resolve().parent.parent / "templates").exists() and self._has_cpp_templates(),
+            "figures": self._figures(manifest["metrics"]),
+        }
+        return {
+            "profile": prof,
+            "artifact": artifact,
+            "model_files": files,
+            "labels": list(data.classes),
+            "template": template,
+            "golden_inputs": data.Xval[golden],
+            "golden_outputs": golden_out,
+            "golden_raw": [data.val_files[i] for i in golden],
+            "effective_precision": prof.precision,
+            "manifest": manifest,
+        }
+
+    @staticmethod
+    def _has_cpp_templates() -> bool:
+        from .resources import templates_dir
+
+        return (templates_dir() / "cpp").is_dir()
+
+    @staticmethod
+    def _figures(m: dict) -> list[tuple[str, str]]:
+        if m["status"] != "measured":
+            return [("validation", f"not run: {m.get('reason')}"), ("size", f"{m['size_bytes']} bytes")]
+        return [
+            ("val accuracy", f"{m['accuracy']:.4f}"),
+            ("fp32 reference accuracy", f"{m['fp32_reference_accuracy']:.4f}"),
+            ("top-1 agreement with reference", f"{m['agreement']:.4f}"),
+            ("max abs diff vs reference", f"{m['max_abs_diff']:.3g}"),
+            ("latency p50 / p90", f"{m['latency_p50_ms']:.3f} / {m['latency_p90_ms']:.3f} ms"),
+            ("size", f"{m['size_bytes']} bytes"),
+            ("MACs / params", f"{m['macs']} / {m['params']}"),
+        ]
+
+    def _commit(self, staging: Path, staged: list[str]) -> list[Path]:
+        """Move finished bundles into dist/ one by one: new folder in, old one out."""
+        out = []
+        for name in staged:
+            src, dst = staging / name, self.out / name
+            archive = staging / f"{name}.tar.gz"
+            bundle_stage.make_archive(src, archive, name)
+            old = None
+            if dst.exists():
+                old = staging / f".old-{name}"
+                os.replace(dst, old)
+            os.replace(src, dst)
+            os.replace(archive, self.out / archive.name)
+            os.replace(staging / f"{archive.name}.sha256", self.out / f"{archive.name}.sha256")
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            out.append(dst)
+        return out
+
+    def _report(self, steps, tmeta, targets_report, seconds) -> dict:
+        return {
+            "schema": "edgebuild.report/1",
+            "name": self.cfg.name,
+            "version": self.cfg.version,
+            "edgebuild": __version__,
+            "seconds": seconds,
+            "plan": [{"stage": s.stage, "target": s.target, "key": s.key, "cached": s.cached, "reason": s.reason} for s in steps],
+            "stage_seconds": self.stage_times,
+            "transfer": {k: v for k, v in tmeta.items() if k != "history"} | {"history": tmeta.get("history")},
+            "targets": targets_report,
+        }
+
+    def _write_report(self, report: dict) -> None:
+        from .render import render
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        for fname, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.html", render("report.html.j2", report=report))):
+            tmp = self.out / f".{fname}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.out / fname)

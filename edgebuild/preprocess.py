@@ -1,0 +1,67 @@
+# edgebuild preprocessing: the ONE function that turns an image file into a model input.
+#
+# This module uses only numpy and Pillow and imports nothing from edgebuild: its source is
+# copied verbatim into every bundle's infer.py, so training, validation, calibration and the
+# device all run exactly the same code.
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def to_mode(img, color):
+    """Decode any Pillow mode (palette, RGBA, 16-bit, CMYK, ...) to 'L' or 'RGB'."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # composite transparent pixels over white, the way viewers show them
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    target = "L" if color == "grayscale" else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def resize(img, height, width, mode):
+    """stretch: to exactly HxW; letterbox: fit inside, pad with black, centred;
+    center-crop: scale the short side to fit, then crop the centre."""
+    w0, h0 = img.size
+    if mode == "stretch":
+        return img.resize((width, height), Image.BILINEAR)
+    if mode == "letterbox":
+        scale = min(width / w0, height / h0)
+        nw, nh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        inner = img.resize((nw, nh), Image.BILINEAR)
+        canvas = Image.new(img.mode, (width, height), 0)
+        canvas.paste(inner, ((width - nw) // 2, (height - nh) // 2))
+        return canvas
+    if mode == "center-crop":
+        scale = max(width / w0, height / h0)
+        nw, nh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+        img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - width) // 2, (nh - height) // 2
+        return img.crop((left, top, left + width, top + height))
+    raise ValueError("unknown resize mode: " + str(mode))
+
+
+def preprocess(img, input_size, color, resize_mode, mean, std):
+    """PIL image -> float32 array of shape (C, H, W), normalised as (x/255 - mean) / std.
+    color 'bgr' gives channels in B, G, R order."""
+    height, width = int(input_size[0]), int(input_size[1])
+    img = resize(to_mode(img, color), height, width, resize_mode)
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if color == "bgr":
+        arr = arr[:, :, ::-1]
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+    arr = (arr - mean) / std
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def load_image(path, input_size, color, resize_mode, mean, std):
+    with Image.open(path) as img:
+        img.load()
+        return preprocess(img, input_size, color, resize_mode, mean, std)

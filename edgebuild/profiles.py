@@ -1,0 +1,104 @@
+"""Target profiles: built-ins, user folders, ``extends:`` inheritance, host capability checks."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from .config import TargetProfile, _read_yaml, format_validation_error
+from .errors import ConfigError, did_you_mean
+from .resources import targets_dir
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class ProfileRegistry:
+    """All profiles visible to a build: built-ins overridden by user folders (later wins)."""
+
+    def __init__(self, user_dirs: Iterable[Path] = ()):
+        self.files: dict[str, Path] = {}
+        self.origin: dict[str, str] = {}
+        for origin, d in [("built-in", targets_dir()), *(("user", Path(u)) for u in user_dirs)]:
+            if not d.is_dir():
+                continue
+            for f in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
+                self.files[f.stem] = f
+                self.origin[f.stem] = origin
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def raw(self, name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+        if name not in self.files:
+            raise ConfigError(
+                f"unknown target '{name}': {did_you_mean(name, self.names())}",
+                hint="run 'edgebuild targets list' to see the profiles, or add targets/NAME.yaml beside the build file",
+            )
+        if name in _chain:
+            raise ConfigError(f"target '{name}': 'extends' forms a cycle: {' -> '.join(_chain + (name,))}", hint="remove one of the 'extends' links")
+        path = self.files[name]
+        data = _read_yaml(path, "target profile")
+        parent = data.get("extends")
+        if parent is not None:
+            if not isinstance(parent, str):
+                raise ConfigError(f"{path}: 'extends' = {parent!r}: must be a profile name", hint="write extends: NAME")
+            base = dict(self.raw(parent, _chain + (name,)))
+            base.pop("description", None)
+            data = _deep_merge(base, data)
+        return data
+
+    def get(self, name: str) -> TargetProfile:
+        data = self.raw(name)
+        data["name"] = name
+        try:
+            return TargetProfile.model_validate(data)
+        except ValidationError as e:
+            raise format_validation_error(e, self.files[name], TargetProfile) from None
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def unavailable_reason(profile: TargetProfile) -> str | None:
+    """Why this profile cannot be validated on this host, or None when it can."""
+    if profile.arch not in ("any", host_arch()):
+        return f"target arch {profile.arch} is not this host's ({host_arch()})"
+    if profile.runtime == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed on this host"
+        provider = ort_provider(profile.device)
+        if provider not in ort.get_available_providers():
+            return f"ONNX Runtime execution provider {provider} is not available on this host (have: {', '.join(ort.get_available_providers())})"
+        return None
+    if profile.runtime == "openvino":
+        try:
+            import openvino as ov
+        except ImportError:
+            return "openvino is not installed on this host"
+        devices = ov.Core().available_devices
+        dev = profile.device.split(".")[0]
+        if not any(d.split(".")[0] == dev for d in devices):
+            return f"OpenVINO device {profile.device} is not present on this host (have: {', '.join(devices)})"
+        return None
+    return f"unknown runtime {profile.runtime}"  # pragma: no cover - schema prevents it
+
+
+def ort_provider(device: str) -> str:
+    if device.endswith("ExecutionProvider"):
+        return device
+    return {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "GPU": "CUDAExecutionProvider"}.get(device.upper(), f"{device}ExecutionProvider")

@@ -1,0 +1,65 @@
+"""Jinja rendering with StrictUndefined and per-language escaping filters.
+
+User strings (names, labels, paths) only ever enter generated files through these filters,
+never as template source, so they are data in every output language.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import jinja2
+
+from .resources import templates_dir
+
+
+def pyrepr(v) -> str:
+    """A Python literal that evaluates to ``v`` (str, number, bool, None, list, tuple, dict)."""
+    return repr(v)
+
+
+def pycomment(v) -> str:
+    """Text safe inside a Python comment: one line, no control characters."""
+    return re.sub(r"[\x00-\x1f\x7f\u2028\u2029]", " ", str(v))
+
+
+def cpp_string(v) -> str:
+    """A C++ narrow string literal holding the UTF-8 bytes of ``v`` exactly."""
+    out = []
+    for b in str(v).encode("utf-8"):
+        ch = chr(b)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif 32 <= b < 127 and ch != "?":  # '?' avoids trigraphs
+            out.append(ch)
+        else:
+            out.append("\\%03o" % b)  # octal escapes are at most 3 digits: never run into the next char
+    return '"' + "".join(out) + '"'
+
+
+def md(v) -> str:
+    """Markdown-escaped inline text."""
+    s = pycomment(v)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", s)
+
+
+def to_json(v) -> str:
+    return json.dumps(v, ensure_ascii=False)
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(pyrepr=pyrepr, pycomment=pycomment, cpp_string=cpp_string, md=md, tojson_text=to_json)
+    return env
+
+
+def render(template: str, **context) -> str:
+    return environment().get_template(template).render(**context)

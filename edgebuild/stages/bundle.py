@@ -1,0 +1,145 @@
+"""Bundle: model, labels, preprocessing, stubs, golden self-test, manifest, package.
+
+The bundle folder is assembled in a staging folder; the pipeline moves it into ``dist/`` only
+when the whole build succeeded. Archives are deterministic: sorted entries, fixed mtime,
+uid/gid 0, no gzip name or time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import TargetProfile
+from ..data import sha256_file
+from ..render import render
+from ..resources import templates_dir
+
+NAME = "bundle"
+VERSION = 1
+SCHEMA = "edgebuild.bundle/1"
+GOLDEN_COUNT = 8
+SELFTEST_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "int8": (0.15, 0.05)}
+
+
+def pkg_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def golden_indices(yval: np.ndarray, n: int = GOLDEN_COUNT) -> list[int]:
+    """One val image per class first, then more, in a fixed order."""
+    out: list[int] = []
+    classes = list(dict.fromkeys(int(c) for c in yval))
+    for c in classes:
+        out.append(int(np.flatnonzero(yval == c)[0]))
+    for i in range(len(yval)):
+        if len(out) >= n:
+            break
+        if i not in out:
+            out.append(i)
+    return sorted(out[:n])
+
+
+def write_selftest(path: Path, inputs: np.ndarray, outputs: np.ndarray, raw_files: list[Path], precision: str) -> dict:
+    atol, rtol = SELFTEST_TOLERANCE[precision]
+    arrays = {
+        "inputs": inputs.astype(np.float32),
+        "outputs": outputs.astype(np.float32),
+        "atol": np.float64(atol),
+        "rtol": np.float64(rtol),
+        "raw_count": np.int64(len(raw_files)),
+    }
+    for i, f in enumerate(raw_files):
+        arrays[f"raw_{i}"] = np.frombuffer(Path(f).read_bytes(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(_normalise_zip(buf.getvalue()))
+    return {"count": int(len(inputs)), "atol": atol, "rtol": rtol}
+
+
+def _normalise_zip(data: bytes) -> bytes:
+    """Rewrite a zip with fixed timestamps so selftest.npz is byte-reproducible."""
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info in sorted(src.infolist(), key=lambda i: i.filename):
+            zi = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            zi.external_attr = 0o644 << 16
+            dst.writestr(zi, src.read(info.filename))
+    return out.getvalue()
+
+
+def file_table(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def write_bundle(out: Path, ctx: dict) -> dict:
+    """Write every file of one bundle into ``out`` (an empty folder). ``ctx`` holds what the
+    templates and manifest need (see pipeline)."""
+    profile: TargetProfile = ctx["profile"]
+    artifact: Path = ctx["artifact"]
+    for f in ctx["model_files"]:
+        shutil.copyfile(artifact / f, out / f)
+    (out / "labels.txt").write_text("".join(label + "\n" for label in ctx["labels"]), encoding="utf-8")
+    tctx = dict(ctx["template"])
+    tctx["preprocess_source"] = (Path(__file__).resolve().parent.parent / "preprocess.py").read_text(encoding="utf-8").strip()
+    (out / "infer.py").write_text(render("infer.py.j2", **tctx), encoding="utf-8")
+    (out / "requirements.txt").write_text(render("requirements.txt.j2", **tctx), encoding="utf-8")
+    write_selftest(out / "selftest.npz", ctx["golden_inputs"], ctx["golden_outputs"], ctx["golden_raw"], ctx["effective_precision"])
+    if tctx.get("has_cpp"):
+        cpp = out / "cpp"
+        cpp.mkdir()
+        for name in sorted(os.listdir(templates_dir() / "cpp")):
+            if name.endswith(".j2"):
+                (cpp / name[:-3]).write_text(render(f"cpp/{name}", **tctx), encoding="utf-8")
+    (out / "README.md").write_text(render("README.md.j2", **tctx), encoding="utf-8")
+    manifest = dict(ctx["manifest"])
+    manifest["files"] = file_table(out)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def make_archive(folder: Path, archive: Path, arcroot: str) -> str:
+    """Deterministic .tar.gz of ``folder`` under ``arcroot/``; returns its sha256."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        paths = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
+        for p in [folder, *paths]:
+            rel = p.relative_to(folder).as_posix()
+            name = arcroot if rel == "." else f"{arcroot}/{rel}"
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 0
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            if p.is_dir():
+                ti.type = tarfile.DIRTYPE
+                ti.mode = 0o755
+                tar.addfile(ti)
+            else:
+                data = p.read_bytes()
+                ti.size = len(data)
+                ti.mode = 0o755 if os.access(p, os.X_OK) else 0o644
+                tar.addfile(ti, io.BytesIO(data))
+    gz = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=gz, mtime=0, compresslevel=9) as g:
+        g.write(buf.getvalue())
+    data = gz.getvalue()
+    archive.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
+    return digest

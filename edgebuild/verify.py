@@ -1,0 +1,189 @@
+"""``verify``: a bundle folder or archive against its manifest; ``validate``: re-run it here.
+
+Archives are read as streams and never extracted: entries with absolute paths, ``..``,
+links, devices or other special types are refused before any content is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from .errors import BundleError
+
+SCHEMAS = ("edgebuild.bundle/1",)
+MAX_MEMBER_BYTES = 4 << 30
+
+
+def _check_manifest(manifest: dict, where: str) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: manifest.json is not a JSON object", hint="the bundle is damaged; rebuild or re-download it")
+    schema = manifest.get("schema")
+    if schema not in SCHEMAS:
+        raise BundleError(f"{where}: unknown manifest schema {schema!r} (this edgebuild reads {', '.join(SCHEMAS)})",
+                          hint="use the edgebuild version that built the bundle")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{where}: manifest.json has no valid 'files' table", hint="the bundle is damaged; rebuild it")
+
+
+def _compare(expected: dict[str, str], actual: dict[str, str], where: str) -> None:
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    altered = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+    if missing or extra or altered:
+        parts = []
+        if altered:
+            parts.append("altered: " + ", ".join(altered))
+        if missing:
+            parts.append("missing: " + ", ".join(missing))
+        if extra:
+            parts.append("not in manifest: " + ", ".join(extra))
+        raise BundleError(f"{where}: does not match its manifest ({'; '.join(parts)})",
+                          hint="the bundle was changed after it was built; do not deploy it, get a fresh copy")
+
+
+def _sha(data_iter) -> str:
+    h = hashlib.sha256()
+    for chunk in data_iter:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_dir(path: Path) -> dict:
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise BundleError(f"{path}: no manifest.json", hint="point at a bundle folder (dist/NAME-TARGET) or its .tar.gz")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mf}: not valid JSON ({e})", hint="the bundle is damaged; rebuild it") from None
+    _check_manifest(manifest, str(path))
+    actual = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_symlink():
+            raise BundleError(f"{path}: contains a symbolic link: {rel}", hint="bundles contain plain files only")
+        if p.is_file() and rel != "manifest.json":
+            with open(p, "rb") as f:
+                actual[rel] = _sha(iter(lambda: f.read(1 << 20), b""))
+    _compare(manifest["files"], actual, str(path))
+    return {"schema": manifest["schema"], "files": len(actual), "manifest": manifest}
+
+
+def _safe_member(m: tarfile.TarInfo, where: str) -> PurePosixPath:
+    name = m.name
+    p = PurePosixPath(name)
+    if name.startswith("/") or p.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise BundleError(f"{where}: refused: archive entry with an absolute path: {name!r}", hint="the archive is unsafe; do not extract it")
+    if ".." in p.parts:
+        raise BundleError(f"{where}: refused: archive entry escapes its folder: {name!r}", hint="the archive is unsafe; do not extract it")
+    if m.issym() or m.islnk():
+        raise BundleError(f"{where}: refused: archive entry is a link: {name!r} -> {m.linkname!r}", hint="bundles contain plain files only")
+    if not (m.isfile() or m.isdir()):
+        raise BundleError(f"{where}: refused: archive entry is a device, fifo or other special file: {name!r}", hint="bundles contain plain files only")
+    if m.size > MAX_MEMBER_BYTES:
+        raise BundleError(f"{where}: refused: archive entry {name!r} is {m.size} bytes", hint="the archive is not an edgebuild bundle")
+    return p
+
+
+def _verify_archive(path: Path) -> dict:
+    where = str(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        want = sidecar.read_text(encoding="utf-8", errors="replace").split()[0:1]
+        with open(path, "rb") as f:
+            got = _sha(iter(lambda: f.read(1 << 20), b""))
+        if not want or want[0].lower() != got:
+            raise BundleError(f"{where}: sha256 {got} does not match {sidecar.name}", hint="the archive was altered or truncated; download it again")
+    actual: dict[str, str] = {}
+    manifest_bytes = None
+    root = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for m in tar:
+                p = _safe_member(m, where)
+                parts = [q for q in p.parts if q not in (".", "")]
+                if not parts:
+                    continue
+                if root is None:
+                    root = parts[0]
+                if parts[0] != root:
+                    raise BundleError(f"{where}: entries under more than one top folder ({root!r}, {parts[0]!r})", hint="a bundle archive holds exactly one folder")
+                if m.isdir():
+                    continue
+                if len(parts) == 1:
+                    raise BundleError(f"{where}: file {m.name!r} outside the bundle folder", hint="a bundle archive holds exactly one folder")
+                rel = "/".join(parts[1:])
+                if rel in actual or (rel == "manifest.json" and manifest_bytes is not None):
+                    raise BundleError(f"{where}: duplicate archive entry {m.name!r}", hint="the archive is not a clean edgebuild bundle")
+                f = tar.extractfile(m)
+                data = f.read() if f else b""
+                if rel == "manifest.json":
+                    manifest_bytes = data
+                else:
+                    actual[rel] = hashlib.sha256(data).hexdigest()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise BundleError(f"{where}: not a readable .tar.gz ({e})", hint="the archive is damaged or truncated; download it again") from None
+    if manifest_bytes is None:
+        raise BundleError(f"{where}: no manifest.json in the archive", hint="this is not an edgebuild bundle")
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{where}: manifest.json is not valid JSON ({e})", hint="the bundle is damaged; rebuild it") from None
+    _check_manifest(manifest, where)
+    _compare(manifest["files"], actual, where)
+    return {"schema": manifest["schema"], "files": len(actual), "manifest": manifest}
+
+
+def verify_bundle(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"bundle not found: {path}", hint="give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz")
+    if path.is_dir():
+        return _verify_dir(path)
+    return _verify_archive(path)
+
+
+def validate_bundle(path: Path) -> dict:
+    """Verify, then run the bundle's own ``infer.py --selftest`` and a latency benchmark here."""
+    import numpy as np
+
+    info = verify_bundle(path)
+    manifest = info["manifest"]
+    with tempfile.TemporaryDirectory(prefix="edgebuild-validate-") as tmp:
+        folder = Path(path)
+        if not folder.is_dir():
+            folder = Path(tmp) / "bundle"
+            folder.mkdir()
+            with tarfile.open(path, mode="r|*") as tar:  # verified above: plain files in one folder
+                for m in tar:
+                    parts = PurePosixPath(m.name).parts[1:]
+                    if not parts or m.isdir():
+                        continue
+                    dst = folder.joinpath(*parts)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    f = tar.extractfile(m)
+                    dst.write_bytes(f.read() if f else b"")
+        proc = subprocess.run([sys.executable, str(folder / "infer.py"), "--selftest"], capture_output=True, text=True, timeout=600)
+        out = {"selftest": "passed" if proc.returncode == 0 else "FAILED", "selftest_output": (proc.stdout + proc.stderr).strip()}
+        from .config import TargetProfile
+        from .profiles import unavailable_reason
+        from .runtimes import open_runner
+
+        prof = TargetProfile.model_validate(manifest["target"])
+        reason = unavailable_reason(prof)
+        if reason:
+            out["benchmark"] = None
+            out["benchmark_reason"] = f"not run: {reason}"
+        elif proc.returncode == 0:
+            x = np.load(folder / "selftest.npz")["inputs"][:1]
+            out["benchmark"] = open_runner(prof, folder).benchmark(x)
+        out["build_p50_ms"] = manifest.get("metrics", {}).get("latency_p50_ms")
+    return out
