@@ -1,0 +1,365 @@
+"""Prune: structured channel pruning through Torch-Pruning's dependency graph, then recovery.
+
+Channels are physically removed (convolutions, batch norms, linears and everything coupled to
+them: residual additions, depthwise groups, concatenations), so the pruned model is smaller
+and faster on every runtime, not just sparse. The new head is never pruned (its input
+features are, with the layer feeding it); ``keep`` names more layers to leave whole; channel
+counts are rounded to multiples of the target profile's ``align``.
+
+Recovery fine-tunes the pruned model, distilling from the unpruned transferred model when
+``compress.distill`` is set (plain cross-entropy otherwise).
+
+Saving: the weights go to ``model.safetensors`` and the pruned layer shapes (plain numbers:
+``out_channels``, ``num_features``, ``in_features``...) to ``structure.json``; loading builds a
+fresh architecture, applies those shapes and loads the tensors. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import BuildConfig, PruneConfig
+from ..errors import ConfigError, ModelError, did_you_mean
+from ..metrics import count_macs, count_params
+from ..training import fit, predict, seed_everything
+
+NAME = "prune"
+VERSION = 1
+
+IMPORTANCES = ("l1", "l2", "taylor")
+SCOPES = ("global", "uniform")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_layers(model: nn.Module, names: list[str], what: str = "prune.keep") -> list[nn.Module]:
+    """The modules named in ``names`` (a leading ``model.`` of wrapped hf models is optional)."""
+    modules = dict(model.named_modules())
+    found = []
+    for name in names:
+        for cand in (name, f"model.{name}"):
+            if cand and cand in modules:
+                found.append(modules[cand])
+                break
+        else:
+            layers = [n for n, m in modules.items() if n and not list(m.children())]
+            raise ModelError(f"{what}: layer '{name}' not found in the model: {did_you_mean(name, layers)}",
+                             hint="name a module as printed by print(model), e.g. 'features.0.0'")
+    return found
+
+
+class _LastModule:
+    """Remembers the last leaf module entered during a forward pass, to name a failing layer."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {m: n for n, m in model.named_modules()}
+        self.last: Optional[str] = None
+        self.hooks = [m.register_forward_pre_hook(self._hook) for m in model.modules() if not list(m.children())]
+
+    def _hook(self, m, _inp):
+        self.last = self.names.get(m)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise ConfigError(f"compress.prune.importance '{kind}': {did_you_mean(kind, IMPORTANCES)}", hint="use l1, l2 or taylor")
+
+
+def prune_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    ratio: float,
+    importance: str = "l2",
+    scope: str = "uniform",
+    keep: tuple[str, ...] | list[str] = (),
+    head: Optional[str] = None,
+    align: int = 1,
+    grad_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    grad_batches: int = 4,
+    batch_size: int = 32,
+) -> dict:
+    """Prune ``model`` in place; returns what was done (ratio, kept layers, channel counts).
+
+    ``grad_data`` (X, y) gives the few batches of gradients Taylor importance needs.
+    """
+    import torch_pruning as tp
+
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(f"compress.prune.ratio = {ratio!r}: must be >= 0 and < 1", hint="e.g. ratio: 0.5 removes half the channels of each prunable layer")
+    if scope not in SCOPES:
+        raise ConfigError(f"compress.prune.scope '{scope}': {did_you_mean(scope, SCOPES)}", hint="use global or uniform")
+    if int(align) < 1:
+        raise ConfigError(f"align = {align!r}: must be >= 1", hint="set align in the target profile")
+    imp = _importance(importance)
+    kept_names = list(dict.fromkeys(([head] if head else []) + list(keep)))
+    ignored = resolve_layers(model, [head] if head else [], "head") + resolve_layers(model, list(keep))
+    model.eval()
+    before = _channels(model)
+    if ratio == 0:
+        return {"ratio": 0.0, "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": {}}
+
+    tracker = _LastModule(model)
+    try:
+        with _quiet():
+            pruner = tp.pruner.BasePruner(
+                model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=scope == "global",
+                ignored_layers=ignored, round_to=int(align) if align > 1 else None,
+            )
+    except Exception as e:
+        where = f" at layer '{tracker.last}'" if tracker.last else ""
+        raise ModelError(f"Torch-Pruning cannot trace the model{where}: {type(e).__name__}: {_first_line(e)}",
+                         hint="add the layer to compress.prune.keep, or remove compress.prune for this model") from e
+    finally:
+        tracker.close()
+
+    if importance == "taylor":
+        if grad_data is None:
+            raise ModelError("taylor importance needs training data for gradients", hint="use importance: l1 or l2")
+        X, y = grad_data
+        model.zero_grad(set_to_none=True)
+        model.train()
+        gen = torch.Generator().manual_seed(0)
+        perm = torch.randperm(len(X), generator=gen)
+        for b in range(min(grad_batches, max(1, len(X) // batch_size + (len(X) % batch_size > 0)))):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            if len(idx) == 0:
+                break
+            loss = F.cross_entropy(model(torch.as_tensor(X[idx.numpy()])), torch.as_tensor(y[idx.numpy()]))
+            loss.backward()
+        model.eval()
+
+    try:
+        with _quiet():
+            pruner.step()
+    except Exception as e:
+        raise ModelError(f"Torch-Pruning failed to prune the model: {type(e).__name__}: {_first_line(e)}",
+                         hint="add the failing layer to compress.prune.keep") from e
+    model.zero_grad(set_to_none=True)
+    check_forward(model, example)
+    after = _channels(model)
+    changed = {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}
+    return {"ratio": float(ratio), "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": changed}
+
+
+def check_forward(model: nn.Module, example: torch.Tensor) -> None:
+    tracker = _LastModule(model)
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as e:
+        where = f"layer '{tracker.last}'" if tracker.last else "the model"
+        raise ModelError(f"the pruned model no longer runs: {where} failed: {type(e).__name__}: {_first_line(e)}",
+                         hint=f"add '{tracker.last}' (or the layer feeding it) to compress.prune.keep" if tracker.last else "add the failing layer to compress.prune.keep") from e
+    finally:
+        tracker.close()
+
+
+def _channels(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[n] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[n] = m.out_features
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading a pruned model (safetensors + plain-number structure, no pickle)
+# ----------------------------------------------------------------------------------------------
+
+_PRIMITIVE = (int, float, bool, str, type(None))
+
+
+def _attrs(m: nn.Module) -> dict[str, Any]:
+    out = {}
+    for k, v in vars(m).items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _PRIMITIVE) or (isinstance(v, (tuple, list)) and all(isinstance(i, _PRIMITIVE) for i in v)):
+            out[k] = v
+    return out
+
+
+def structure(pruned: nn.Module, original: nn.Module) -> dict[str, dict]:
+    """Per module, the plain attributes the pruning changed (e.g. Conv2d.out_channels)."""
+    orig = dict(original.named_modules())
+    out = {}
+    for name, m in pruned.named_modules():
+        o = orig.get(name)
+        if o is None:
+            raise ModelError(f"pruned model has a module '{name}' the original lacks", hint="report this as a bug")
+        a, b = _attrs(m), _attrs(o)
+        diff = {k: (list(v) if isinstance(v, tuple) else v) for k, v in a.items() if b.get(k) != v}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def save_pruned(model: nn.Module, original: nn.Module, out: Path) -> None:
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "pruned": "1"})
+    (out / "structure.json").write_text(json.dumps(structure(model, original), indent=1, sort_keys=True))
+
+
+def apply_structure(model: nn.Module, struct: dict[str, dict], state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give a fresh model the pruned shapes: attributes from ``struct``, tensors from ``state``."""
+    modules = dict(model.named_modules())
+    for name, attrs in struct.items():
+        m = modules.get(name)
+        if m is None:
+            raise ModelError(f"pruned model structure names a layer '{name}' the architecture lacks", hint="rebuild with --force")
+        for k, v in attrs.items():
+            cur = getattr(m, k, None)
+            setattr(m, k, tuple(v) if isinstance(cur, tuple) and isinstance(v, list) else v)
+    for mname, m in modules.items():
+        prefix = f"{mname}." if mname else ""
+        for pname, p in list(m._parameters.items()):
+            t = state.get(prefix + pname)
+            if p is not None and t is not None and tuple(t.shape) != tuple(p.shape):
+                m._parameters[pname] = nn.Parameter(torch.empty_like(t), requires_grad=p.requires_grad)
+        for bname, b in list(m._buffers.items()):
+            t = state.get(prefix + bname)
+            if b is not None and t is not None and tuple(t.shape) != tuple(b.shape):
+                m._buffers[bname] = torch.empty_like(t)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_pruned(fresh: nn.Module, entry: Path) -> nn.Module:
+    state = load_file(str(entry / "model.safetensors"))
+    struct = json.loads((entry / "structure.json").read_text())
+    return apply_structure(fresh, struct, state)
+
+
+def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
+    from . import transfer as transfer_stage
+
+    meta = json.loads((entry / "meta.json").read_text())
+    model, _, _ = transfer_stage.build_architecture(cfg, len(meta["classes"]), load_pretrained=False)
+    return load_pruned(model, entry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host figures
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def torch_latency(model: nn.Module, example: torch.Tensor, iters: int = 30, warmup: int = 5) -> dict:
+    """Batch-1 PyTorch latency on this host's CPU (p50/p90 ms)."""
+    model = model.cpu().eval()
+    x = example[:1]
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)), "runtime": f"torch {torch.__version__} cpu", "threads": torch.get_num_threads()}
+
+
+def model_figures(model: nn.Module, example: torch.Tensor, Xval: np.ndarray, yval: np.ndarray, logits: Optional[np.ndarray] = None) -> dict:
+    logits = predict(model, Xval) if logits is None else logits
+    return {"val_accuracy": float((logits.argmax(1) == yval).mean()) if len(yval) else 0.0,
+            "params": count_params(model), "macs": count_macs(model, example)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out: Path, progress, example: torch.Tensor) -> dict:
+    pc: PruneConfig = cfg.compress.prune
+    dc = cfg.compress.distill
+    tc = cfg.transfer
+    t0 = time.perf_counter()
+    teacher = teacher.cpu().eval()
+    seed_everything(cfg.seed)
+    student = copy.deepcopy(teacher)
+    before = model_figures(teacher, example, data.Xval, data.yval)
+    info = prune_model(student, example, ratio=pc.ratio, importance=pc.importance, scope=pc.scope, keep=pc.keep,
+                       head=tmeta.get("head"), align=align, grad_data=(data.Xtrain, data.ytrain), batch_size=min(tc.batch_size, 64))
+    after = model_figures(student, example, data.Xval, data.yval)
+    progress.log(f"  pruned {pc.ratio:.0%} ({pc.importance}, {pc.scope}, align {align}): params {before['params']} -> {after['params']}, "
+                 f"MACs {before['macs']} -> {after['macs']}, val acc {before['val_accuracy']:.4f} -> {after['val_accuracy']:.4f}")
+    lr = pc.lr if pc.lr is not None else tc.lr
+    seed_everything(cfg.seed)
+    distill = dc is not None and dc.alpha > 0
+    r = fit(student, student.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=pc.recover_epochs, lr=lr,
+            batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, progress=progress,
+            label="prune recovery" + (" (distilling from the unpruned model)" if distill else " (cross-entropy)"),
+            teacher=teacher if distill else None,
+            temperature=dc.temperature if dc else 4.0, alpha=dc.alpha if dc else 0.0)
+    student = student.cpu().eval()
+    val_logits = predict(student, data.Xval)
+    recovered = model_figures(student, example, data.Xval, data.yval, val_logits)
+    save_pruned(student, teacher, out)
+    np.save(out / "val_logits.npy", val_logits.astype(np.float32))
+    meta = {
+        **info,
+        "head": tmeta.get("head"),
+        "classes": list(tmeta.get("classes", data.classes)),
+        "recover_epochs": pc.recover_epochs,
+        "recovery": {"loss": "distillation" if distill else "cross-entropy", "lr": lr,
+                     **({"temperature": dc.temperature, "alpha": dc.alpha} if distill else {})},
+        "accuracy_before": before["val_accuracy"],
+        "accuracy_after_prune": after["val_accuracy"],
+        "accuracy_recovered": recovered["val_accuracy"],
+        "val_accuracy": recovered["val_accuracy"],
+        "params_before": before["params"],
+        "params": recovered["params"],
+        "macs_before": before["macs"],
+        "macs": recovered["macs"],
+        "macs_ratio": recovered["macs"] / before["macs"] if before["macs"] else None,
+        "params_ratio": recovered["params"] / before["params"] if before["params"] else None,
+        "bytes": (out / "model.safetensors").stat().st_size,
+        "host_latency": torch_latency(student, example),
+        "history": r.history,
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
