@@ -1,0 +1,151 @@
+"""Backbone providers, safe weight loading, head replacement."""
+
+import pickle
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from edgebuild import backbones
+from edgebuild.errors import ModelError, WeightsError
+
+from conftest import TINY_BACKBONE
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    (tmp_path / "bb.py").write_text(TINY_BACKBONE)
+    return tmp_path
+
+
+def test_python_file_provider(tiny_file):
+    m = backbones.factory("python:bb.py:build", tiny_file)()
+    assert isinstance(m, nn.Module) and m(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
+
+
+def test_python_module_provider(tiny_file, monkeypatch):
+    (tiny_file / "mypkg").mkdir()
+    (tiny_file / "mypkg" / "__init__.py").write_text("")
+    (tiny_file / "mypkg" / "nets.py").write_text(TINY_BACKBONE)
+    monkeypatch.syspath_prepend(str(tiny_file))
+    m = backbones.factory("python:mypkg.nets:build_rgb", tiny_file)()
+    assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+
+
+def test_python_provider_missing_function_suggests(tiny_file):
+    with pytest.raises(ModelError, match="did you mean 'build'"):
+        backbones.factory("python:bb.py:buidl", tiny_file)
+
+
+def test_python_provider_missing_file(tiny_file):
+    with pytest.raises(ModelError, match="not found"):
+        backbones.factory("python:nope.py:build", tiny_file)
+
+
+def test_factory_must_return_module(tiny_file):
+    (tiny_file / "bad.py").write_text("def build():\n    return 42\n")
+    with pytest.raises(ModelError, match="not a torch.nn.Module"):
+        backbones.factory("python:bad.py:build", tiny_file)()
+
+
+def test_hf_provider_from_local_config_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7)
+    cfg.save_pretrained(tmp_path / "resnet")
+    m = backbones.factory("hf:resnet", tmp_path)()
+    assert isinstance(m, backbones.LogitsOnly)
+    x = torch.zeros(1, 3, 32, 32)
+    assert m(x).shape == (1, 7)
+    head = backbones.find_head(m, None)
+    assert backbones.replace_head(m, head, 3, x) == 16
+    assert m(x).shape == (1, 3)
+
+
+def test_hf_provider_unknown_id_is_clear(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(ModelError, match="cannot load"):
+        backbones.factory("hf:no-such-org/no-such-model-xyz", tmp_path)()
+
+
+def test_timm_and_torchvision_glue_is_honest(tmp_path):
+    """Where timm/torchvision import, they build a model; where they cannot, a clear error."""
+    for scheme, name in (("timm", "resnet18"), ("torchvision", "resnet18")):
+        try:
+            build = backbones.factory(f"{scheme}:{name}", tmp_path)
+        except ModelError as e:
+            assert scheme in e.message and e.hint
+            continue
+        m = build()
+        assert isinstance(m, nn.Module)
+
+
+def test_safetensors_and_pt_weights(tiny_file, tmp_path):
+    from safetensors.torch import save_file
+
+    src = backbones.factory("python:bb.py:build", tiny_file)()
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        dst = backbones.factory("python:bb.py:build", tiny_file)()
+        backbones.load_weights(dst, tmp_path / f)
+        assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+def test_malicious_pickle_is_refused_and_never_executed(tiny_file, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"fc.weight": Evil()}, f)
+    m = backbones.factory("python:bb.py:build", tiny_file)()
+    with pytest.raises(WeightsError, match="refused"):
+        backbones.load_weights(m, tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(tiny_file, tmp_path):
+    from safetensors.torch import save_file
+
+    src = backbones.factory("python:bb.py:build", tiny_file)()
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
+        backbones.load_weights(src, tmp_path / "t.safetensors")
+
+
+def test_shape_mismatch_lists_keys(tiny_file, tmp_path):
+    from safetensors.torch import save_file
+
+    m = backbones.factory("python:bb.py:build", tiny_file)()
+    sd = dict(m.state_dict())
+    sd["fc.weight"] = torch.zeros(9, 16)
+    sd.pop("fc.bias")
+    sd["extra.thing"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(WeightsError) as ei:
+        backbones.load_weights(m, tmp_path / "w.safetensors")
+    msg = ei.value.message
+    assert "fc.weight (9, 16) vs model (4, 16)" in msg and "missing: fc.bias" in msg and "unexpected: extra.thing" in msg
+
+
+def test_head_default_is_last_linear_and_named_head_checked(tiny_file):
+    m = backbones.factory("python:bb.py:build", tiny_file)()
+    assert backbones.find_head(m, None) == "fc"
+    with pytest.raises(ModelError, match="did you mean"):
+        backbones.find_head(m, "fcc")
+
+
+def test_replace_head_in_sequential(tiny_file):
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    head = backbones.find_head(m, None)
+    assert head == "3"
+    assert backbones.replace_head(m, head, 2, torch.zeros(1, 1, 8, 8)) == 4
+    assert m(torch.zeros(1, 1, 8, 8)).shape == (1, 2)

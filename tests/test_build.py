@@ -1,0 +1,76 @@
+"""Pipeline behaviour on a tiny project: gates, overrides, atomic output, plan."""
+
+import json
+
+import pytest
+
+from conftest import write_config
+
+
+def test_build_writes_bundle_and_summary(tiny_project, cli):
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0, err
+    assert (tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "model.onnx").is_file()
+    assert "built 1 bundle(s)" in out
+    assert "plan for tiny" in err
+
+
+def test_impossible_latency_budget_exits_3_with_table_and_keeps_previous_dist(tiny_project, cli):
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0
+    old = (tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_bytes()
+    (tiny_project / "targets").mkdir()
+    (tiny_project / "targets" / "x86-onnxruntime-fp32.yaml").write_text(
+        "extends: x86-openvino-fp32\nruntime: onnxruntime\nformat: onnx\nbudgets: {max_latency_ms: 0.000001, max_size_mb: 0.000001}\n")
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 3
+    assert "target" in err and "budget" in err and "limit" in err and "measured" in err
+    assert "max_latency_ms (p90)" in err and "max_size_mb" in err
+    assert "Traceback" not in err
+    assert (tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_bytes() == old
+    assert not [p for p in (tiny_project / "dist").iterdir() if p.name.startswith(".staging")]
+    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    assert report["status"] == "failed"
+
+
+def test_user_profile_beside_build_file_overrides_builtin(tiny_project, cli):
+    (tiny_project / "targets").mkdir()
+    (tiny_project / "targets" / "x86-onnxruntime-fp32.yaml").write_text(
+        "extends: x86-openvino-fp32\nruntime: onnxruntime\nformat: onnx\nthreads: 1\ndescription: my gateway\n")
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0, err
+    m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_text())
+    assert m["target"]["threads"] == 1 and m["target"]["description"] == "my gateway"
+
+
+def test_threads_change_reruns_only_validation(tiny_project, cli):
+    code, _, _ = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0
+    (tiny_project / "targets").mkdir()
+    (tiny_project / "targets" / "x86-onnxruntime-fp32.yaml").write_text("extends: x86-openvino-fp32\nruntime: onnxruntime\nformat: onnx\nbatch: dynamic\nthreads: 1\n")
+    code, out, _ = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0
+    plan = {(s["stage"], s["target"]): s for s in json.loads(out)["plan"]}
+    assert plan[("transfer", "")]["cached"] and plan[("export", "x86-onnxruntime-fp32")]["cached"]
+    v = plan[("validate", "x86-onnxruntime-fp32")]
+    assert not v["cached"] and "threads" in v["reason"]
+
+
+def test_corrupt_cache_entry_is_dropped_and_rebuilt(tiny_project, cli, monkeypatch, tmp_path):
+    import os
+
+    code, _, _ = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0
+    cache = tmp_path / "c"
+    root = os.environ["EDGEBUILD_CACHE_DIR"]
+    entry = next((__import__("pathlib").Path(root) / "transfer").iterdir())
+    (entry / "model.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="corrupt"):
+        code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0, err
+
+
+def test_data_error_exit_2(tiny_project, cli):
+    (tiny_project / "data" / "val" / "a" / "img000.png").write_bytes(b"not a png")
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 2 and "img000.png" in err and "Traceback" not in err
