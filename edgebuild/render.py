@@ -7,6 +7,7 @@ never as template source, so they are data in every output language.
 from __future__ import annotations
 
 import json
+import math
 import re
 from functools import lru_cache
 
@@ -39,6 +40,23 @@ def cpp_string(v) -> str:
     return '"' + "".join(out) + '"'
 
 
+def cpp_int(v) -> str:
+    """A C++ int literal; refuses anything that is not an integer (bools included)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not -(2**31) < v < 2**31:
+        raise ValueError(f"not an int for C++ source: {v!r}")
+    return str(v)
+
+
+def cpp_float(v) -> str:
+    """A C++ double literal with the exact value of the Python float ``v`` (shortest repr
+    round-trips; casting it to float then rounds exactly as numpy's float32 does)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"not a finite number for C++ source: {v!r}")
+    r = repr(float(v))
+    assert re.fullmatch(r"-?[0-9]+(\.[0-9]*)?(e[-+]?[0-9]+)?", r), r
+    return r
+
+
 def md(v) -> str:
     """Markdown-escaped inline text."""
     s = pycomment(v)
@@ -57,7 +75,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
         keep_trailing_newline=True,
     )
-    env.filters.update(pyrepr=pyrepr, pycomment=pycomment, cpp_string=cpp_string, md=md, tojson_text=to_json)
+    env.filters.update(pyrepr=pyrepr, pycomment=pycomment, cpp_string=cpp_string, cpp_int=cpp_int, cpp_float=cpp_float, md=md, tojson_text=to_json)
     return env
 
 

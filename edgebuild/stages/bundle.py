@@ -104,9 +104,16 @@ def write_bundle(out: Path, ctx: dict) -> dict:
     if tctx.get("has_cpp"):
         cpp = out / "cpp"
         cpp.mkdir()
+        # *.j2 are rendered (user strings only through the escaping filters); other files
+        # (preprocess.hpp, the vendored public-domain stb_image.h) are copied byte for byte
         for name in sorted(os.listdir(templates_dir() / "cpp")):
+            src = templates_dir() / "cpp" / name
+            if not src.is_file() or name.startswith("."):
+                continue
             if name.endswith(".j2"):
                 (cpp / name[:-3]).write_text(render(f"cpp/{name}", **tctx), encoding="utf-8")
+            else:
+                shutil.copyfile(src, cpp / name)
     (out / "README.md").write_text(render("README.md.j2", **tctx), encoding="utf-8")
     manifest = dict(ctx["manifest"])
     manifest["files"] = file_table(out)
