@@ -100,7 +100,7 @@ def write_bundle(out: Path, ctx: dict) -> dict:
     tctx["preprocess_source"] = (Path(__file__).resolve().parent.parent / "preprocess.py").read_text(encoding="utf-8").strip()
     (out / "infer.py").write_text(render("infer.py.j2", **tctx), encoding="utf-8")
     (out / "requirements.txt").write_text(render("requirements.txt.j2", **tctx), encoding="utf-8")
-    write_selftest(out / "selftest.npz", ctx["golden_inputs"], ctx["golden_outputs"], ctx["golden_raw"], ctx["effective_precision"])
+    selftest = write_selftest(out / "selftest.npz", ctx["golden_inputs"], ctx["golden_outputs"], ctx["golden_raw"], ctx["effective_precision"])
     if tctx.get("has_cpp"):
         cpp = out / "cpp"
         cpp.mkdir()
@@ -116,6 +116,8 @@ def write_bundle(out: Path, ctx: dict) -> dict:
                 shutil.copyfile(src, cpp / name)
     (out / "README.md").write_text(render("README.md.j2", **tctx), encoding="utf-8")
     manifest = dict(ctx["manifest"])
+    manifest.setdefault("selftest", {"file": "selftest.npz", "command": "python infer.py --selftest", **selftest})
+    manifest["stubs"] = {"python": "infer.py", "requirements": "requirements.txt", "cpp": "cpp/" if tctx.get("has_cpp") else None}
     manifest["files"] = file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
     return manifest
