@@ -38,6 +38,7 @@ from .profiles import ProfileRegistry, unavailable_reason
 from .progress import Progress
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
+from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
@@ -146,8 +147,20 @@ class Build:
         tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
         transfer = Step("transfer", "", make_key("transfer", transfer_stage.VERSION, tparams, tinputs), tparams, tinputs)
         steps.append(transfer)
+        pc = cfg.compress.prune
+        prune_steps: dict[int, Step] = {}
+        if pc is not None and pc.ratio > 0:
+            for prof in self.profiles.values():
+                if prof.align in prune_steps:
+                    continue
+                pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
+                           "align": prof.align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
+                           "weight_decay": cfg.transfer.weight_decay}
+                pinputs = {"model": transfer.key, "data": data.fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]}
+                prune_steps[prof.align] = Step("prune", "", make_key("prune", prune_stage.VERSION, pparams, pinputs), pparams, pinputs)
+                steps.append(prune_steps[prof.align])
         for name, prof in self.profiles.items():
-            model_step = transfer
+            model_step = prune_steps.get(prof.align, transfer)
             eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
                        "openvino": pv["openvino"] if prof.format == "openvino" else None}
@@ -156,7 +169,9 @@ class Build:
             artifact = export
             if prof.precision == "int8":
                 qparams = {"runtime": prof.runtime, "scheme": prof.quantization.model_dump(), "batch": prof.batch,
-                           "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed}
+                           "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed, "fallback": prof.fallback,
+                           "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
+                           "guard_baseline": transfer.key}
                 qinputs = {"model": export.key, "data": data.fingerprint, "tool": pv["onnxruntime"] if prof.runtime == "onnxruntime" else [pv["openvino"], pv["nncf"]]}
                 artifact = Step("quantize", name, make_key("quantize", quantize_stage.VERSION, qparams, qinputs), qparams, qinputs)
                 steps.append(artifact)
@@ -202,7 +217,7 @@ class Build:
         hit = self.cache.get(step.stage, step.key)
         if hit is not None:
             return hit
-        label = f"{step.stage}" + (f" [{step.target}]" if step.target else "")
+        label = f"{step.stage}" + (f" [{step.target}]" if step.target else "") + (f" [align {step.params['align']}]" if step.stage == "prune" else "")
         self.progress.log(f"running {label}")
         t0 = time.perf_counter()
         describe = {"name": self.cfg.name, "target": step.target, "params": step.params, "inputs": step.inputs}
@@ -212,7 +227,8 @@ class Build:
 
     def _torch_model(self, step: Step, entry: Path):
         if step.key not in self._models:
-            self._models[step.key] = transfer_stage.load_model(self.cfg, entry)
+            loader = prune_stage.load_model if step.stage == "prune" else transfer_stage.load_model
+            self._models[step.key] = loader(self.cfg, entry)
         return self._models[step.key]
 
     def run(self) -> BuildResult:
@@ -230,6 +246,20 @@ class Build:
         ref_logits = np.load(tdir / "val_logits.npy")
         fp32_acc = float(tmeta["val_accuracy"])
         calib_idx = calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)
+        by_key = {s.key: s for s in steps}
+        # the model each target starts from: the transferred one, or its pruned version per align
+        models: dict[str, dict] = {tstep.key: {"step": tstep, "dir": tdir, "meta": tmeta, "ref_logits": ref_logits}}
+        for pstep in (s for s in steps if s.stage == "prune"):
+            def do_prune(out, pstep=pstep):
+                prune_stage.run(cfg, data, self._torch_model(tstep, tdir), tmeta, pstep.params["align"], out, self.progress, example)
+            pdir = self._stage(pstep, do_prune)
+            pmeta = json.loads((pdir / "meta.json").read_text())
+            models[pstep.key] = {"step": pstep, "dir": pdir, "meta": pmeta, "ref_logits": np.load(pdir / "val_logits.npy")}
+        # the transfer model's latency is measured beside the pruned one's where there is one
+        tlat = next((m["meta"].get("host_latency_before") for k, m in models.items() if k != tstep.key), None)
+        stage_rows = [self._stage_row("transfer", "", tstep, tdir, tmeta, example, tlat)]
+        stage_rows += [self._stage_row("prune", f"align {m['step'].params['align']}", m["step"], m["dir"], m["meta"], example)
+                       for k, m in models.items() if k != tstep.key]
 
         targets_report = {}
         gate_rows = []
@@ -239,43 +269,62 @@ class Build:
         try:
             for name, prof in self.profiles.items():
                 estep = by[("export", name)]
+                src = models[estep.inputs["model"]]
+                mstep, mdir, mmeta, mref = src["step"], src["dir"], src["meta"], src["ref_logits"]
 
-                def do_export(out, prof=prof):
-                    meta = export_stage.run(self._torch_model(tstep, tdir), example, prof, out)
+                def do_export(out, prof=prof, mstep=mstep, mdir=mdir):
+                    meta = export_stage.run(self._torch_model(mstep, mdir), example, prof, out)
                     (out / "meta.json").write_text(json.dumps(meta))
                     (out / "model.onnx").unlink() if prof.format == "openvino" else None
                 edir = self._stage(estep, do_export)
                 artifact, precision_meta = edir, {}
+                budgets = validate_stage.merged_budgets(prof, cfg.budgets)
                 if prof.precision == "int8":
                     qstep = by[("quantize", name)]
                     calib = data.Xtrain[calib_idx]
 
                     def do_quant(out, edir=edir, prof=prof, calib=calib):
-                        meta = quantize_stage.run(prof, edir, out, calib)
+                        meta = quantize_stage.run(prof, edir, out, calib, Xval=data.Xval, yval=data.yval, baseline_accuracy=fp32_acc,
+                                                  max_accuracy_drop=qstep.params["max_accuracy_drop"], log=self.progress.log)
                         (out / "quantize.json").write_text(json.dumps(meta))
                     artifact = self._stage(qstep, do_quant)
                     precision_meta = json.loads((artifact / "quantize.json").read_text())
+                    if precision_meta.get("decision", "int8") != "int8":
+                        self.progress.log(f"  {name}: int8 over the accuracy budget; the bundle ships {precision_meta['effective_precision']} "
+                                          f"(profile fallback: {prof.fallback}); see manifest model.quantization.attempts")
+                effective = precision_meta.get("effective_precision", prof.precision)
+                eprof = prof if effective == prof.precision else prof.model_copy(update={"precision": effective})
                 vstep = by[("validate", name)]
                 golden = bundle_stage.golden_indices(data.yval)
 
-                def do_validate(out, artifact=artifact, prof=prof):
-                    m = validate_stage.run(prof, artifact, prof.precision, data.Xval, data.yval, ref_logits, self.progress)
+                def do_validate(out, artifact=artifact, eprof=eprof, mref=mref):
+                    m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, self.progress)
                     (out / "metrics.json").write_text(json.dumps(m, indent=2))
-                    np.save(out / "golden_outputs.npy", self._golden_outputs(prof, artifact, data.Xval[golden]))
+                    np.save(out / "golden_outputs.npy", self._golden_outputs(eprof, artifact, data.Xval[golden]))
                 vdir = self._stage(vstep, do_validate)
                 metrics = json.loads((vdir / "metrics.json").read_text())
-                budgets = validate_stage.merged_budgets(prof, cfg.budgets)
-                rows = validate_stage.gates(name, prof.precision, metrics, budgets, fp32_acc)
+                rows = validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta)
                 gate_rows += rows
                 bundle_name = f"{cfg.name}-{name}"
                 bdir = staging / bundle_name
                 bdir.mkdir()
-                manifest = self._manifest(prof, artifact, metrics, tmeta, precision_meta, data, calib_idx, rows)
-                bundle_stage.write_bundle(bdir, self._bundle_ctx(prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy")))
+                manifest = self._manifest(prof, artifact, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective)
+                bundle_stage.write_bundle(bdir, self._bundle_ctx(prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
                 staged.append(bundle_name)
+                stage_rows.append({"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
+                                   "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],
+                                   "val_accuracy": metrics.get("accuracy", precision_meta.get("accuracy")),
+                                   "host_latency_p50_ms": metrics.get("latency_p50_ms"), "host_latency_p90_ms": metrics.get("latency_p90_ms"),
+                                   "latency_runtime": (metrics.get("settings") or {}).get("runtime"),
+                                   "status": metrics["status"], "reason": metrics.get("reason")})
                 targets_report[name] = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name,
+                                        "precision": {"requested": prof.precision, "effective": effective},
+                                        "quantization": precision_meta or None,
+                                        "compression": mmeta if mstep.stage == "prune" else None,
                                         "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
             report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
+            report["stages"] = stage_rows
+            report["compression"] = {f"align {m['step'].params['align']}": self._compression(m["meta"]) for k, m in models.items() if k != tstep.key} or None
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"
@@ -308,11 +357,31 @@ class Build:
     def _print_plan(self, steps: list[Step]) -> None:
         self.progress.log(f"plan for {self.cfg.name} ({len(self.profiles)} target(s)):")
         for s in steps:
-            label = s.stage + (f" [{s.target}]" if s.target else " [shared]")
+            label = s.stage + (f" [{s.target}]" if s.target else " [shared]") + (f" align {s.params['align']}" if s.stage == "prune" else "")
             self.progress.log(f"  {label:<48} {'cached' if s.cached else 'run'}{'' if s.cached else ' (' + s.reason + ')'}")
 
-    def _manifest(self, prof, artifact, metrics, tmeta, qmeta, data, calib_idx, rows) -> dict:
+    @staticmethod
+    def _compression(pmeta: dict) -> dict:
+        """The prune stage's record for reports and manifests."""
+        keys = ("ratio", "importance", "scope", "align", "kept", "recover_epochs", "recovery", "accuracy_before", "accuracy_after_prune",
+                "accuracy_recovered", "params_before", "params", "params_ratio", "macs_before", "macs", "macs_ratio", "host_latency_before", "host_latency")
+        return {"prune": {k: pmeta.get(k) for k in keys}, "distill": pmeta.get("recovery", {}).get("loss") == "distillation"}
+
+    def _stage_row(self, stage: str, label: str, step: Step, entry: Path, meta: dict, example, lat: dict | None = None) -> dict:
+        """What one shared stage bought: params, MACs, file size, val accuracy, host latency."""
+        lat = meta.get("host_latency") if lat is None else lat
+        if lat is None:
+            lat = prune_stage.torch_latency(self._torch_model(step, entry), example=example)[0]
+        weights = entry / "model.safetensors"
+        return {"stage": stage, "target": label, "precision": "fp32", "params": meta["params"], "macs": meta["macs"],
+                "bytes": weights.stat().st_size if weights.is_file() else None, "val_accuracy": meta["val_accuracy"],
+                "host_latency_p50_ms": lat["p50_ms"], "host_latency_p90_ms": lat["p90_ms"], "latency_runtime": lat.get("runtime"),
+                "status": "measured"}
+
+    def _manifest(self, prof, artifact, metrics, tmeta, qmeta, data, calib_idx, rows, mmeta=None, effective=None) -> dict:
         cfg = self.cfg
+        mmeta = mmeta or tmeta
+        effective = effective or prof.precision
         files = self._model_files(prof)
         static = prof.batch if isinstance(prof.batch, int) else "N"
         shape_in = [static, cfg.preprocess.channels, *cfg.preprocess.input_size]
@@ -328,8 +397,8 @@ class Build:
             "status": metrics["status"],
             "reason": metrics.get("reason"),
             "size_bytes": metrics["size_bytes"],
-            "macs": tmeta["macs"],
-            "params": tmeta["params"],
+            "macs": mmeta["macs"],
+            "params": mmeta["params"],
             "fp32_reference_accuracy": tmeta["val_accuracy"],
             "validation": {"runtime_settings": metrics.get("settings"), "host": metrics.get("host"), "samples": metrics.get("samples"),
                            "benchmark": metrics.get("benchmark")},
@@ -345,7 +414,8 @@ class Build:
                 "files": files,
                 "file": files[0],
                 "format": prof.format,
-                "precision": prof.precision,
+                "precision": effective,
+                "requested_precision": prof.precision,
                 "inputs": [{"name": export_stage.INPUT_NAME, "shape": shape_in, "dtype": "float32", "layout": "NCHW"}],
                 "outputs": [{"name": export_stage.OUTPUT_NAME, "shape": [static, len(data.classes)], "dtype": "float32", "layout": "NC"}],
                 "quantization": qmeta or None,
@@ -355,6 +425,7 @@ class Build:
             "labels": list(data.classes),
             "metrics": m,
             "transfer": {k: tmeta[k] for k in ("mode", "head", "features", "val_accuracy", "device", "mean_epoch_seconds")},
+            "compression": self._compression(mmeta) if "accuracy_after_prune" in mmeta else None,
             "provenance": {
                 "config_sha256": sha256_file(cfg.path) if cfg.path else None,
                 "data_sha256": data.fingerprint,
@@ -369,17 +440,18 @@ class Build:
     def _model_files(self, prof: TargetProfile) -> list[str]:
         return ["model.onnx"] if prof.format == "onnx" else ["model.xml", "model.bin"]
 
-    def _bundle_ctx(self, prof, artifact, manifest, data, golden, golden_out) -> dict:
+    def _bundle_ctx(self, prof, artifact, manifest, data, golden, golden_out, effective=None) -> dict:
         from .runtimes.openvino import inference_precision
 
+        effective = effective or prof.precision
         ov_prec = "f32"
         if prof.runtime == "openvino":
             import openvino as ov
 
             try:
-                ov_prec = inference_precision(ov.Core(), prof.device, prof.precision)
+                ov_prec = inference_precision(ov.Core(), prof.device, effective)
             except Exception:
-                ov_prec = "f16" if prof.precision == "fp16" else "f32"
+                ov_prec = "f16" if effective == "fp16" else "f32"
         runtime_pkg = "onnxruntime" if prof.runtime == "onnxruntime" else "openvino"
         from .profiles import ort_provider
 
@@ -400,7 +472,8 @@ class Build:
             "format": prof.format,
             "device": prof.device,
             "arch": prof.arch,
-            "precision": prof.precision,
+            "precision": effective,
+            "requested_precision": prof.precision,
             "threads": prof.threads,
             "providers": [ort_provider(prof.device)],
             "inference_precision": ov_prec,
@@ -422,7 +495,7 @@ class Build:
             "golden_inputs": data.Xval[golden],
             "golden_outputs": golden_out,
             "golden_raw": [data.val_files[i] for i in golden],
-            "effective_precision": prof.precision,
+            "effective_precision": effective,
             "manifest": manifest,
         }
 

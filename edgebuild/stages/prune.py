@@ -70,10 +70,20 @@ class _LastModule:
     def __init__(self, model: nn.Module):
         self.names = {m: n for n, m in model.named_modules()}
         self.last: Optional[str] = None
-        self.hooks = [m.register_forward_pre_hook(self._hook) for m in model.modules() if not list(m.children())]
+        self.done = False
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self.hooks = [m.register_forward_pre_hook(self._pre) for m in leaves] + [m.register_forward_hook(self._post) for m in leaves]
 
-    def _hook(self, m, _inp):
-        self.last = self.names.get(m)
+    def _pre(self, m, _inp):
+        self.last, self.done = self.names.get(m), False
+
+    def _post(self, m, _inp, _out):
+        self.done = True
+
+    def where(self) -> str:
+        if not self.last:
+            return "the model"
+        return f"the operation right after layer '{self.last}'" if self.done else f"layer '{self.last}'"
 
     def close(self):
         for h in self.hooks:
@@ -175,7 +185,7 @@ def check_forward(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             model.eval()(example)
     except Exception as e:
-        where = f"layer '{tracker.last}'" if tracker.last else "the model"
+        where = tracker.where()
         raise ModelError(f"the pruned model no longer runs: {where} failed: {type(e).__name__}: {_first_line(e)}",
                          hint=f"add '{tracker.last}' (or the layer feeding it) to compress.prune.keep" if tracker.last else "add the failing layer to compress.prune.keep") from e
     finally:
@@ -287,18 +297,23 @@ def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
 
 
 @torch.no_grad()
-def torch_latency(model: nn.Module, example: torch.Tensor, iters: int = 30, warmup: int = 5) -> dict:
-    """Batch-1 PyTorch latency on this host's CPU (p50/p90 ms)."""
-    model = model.cpu().eval()
-    x = example[:1]
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)), "runtime": f"torch {torch.__version__} cpu", "threads": torch.get_num_threads()}
+def torch_latency(*models: nn.Module, example: torch.Tensor, rounds: int = 7, iters: int = 10, warmup: int = 5) -> list[dict]:
+    """Batch-1 PyTorch latency on this host's CPU (p50/p90 ms) of each model, measured in
+    interleaved rounds so that models compared with each other see the same host load."""
+    x = torch.randn((1,) + tuple(example.shape[1:]), generator=torch.Generator().manual_seed(0))
+    models = [m.cpu().eval() for m in models]
+    for m in models:
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                m(x)
+                times[i].append((time.perf_counter() - t0) * 1000.0)
+    return [{"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "iterations": len(t),
+             "runtime": f"torch {torch.__version__} cpu", "threads": torch.get_num_threads()} for t in times]
 
 
 def model_figures(model: nn.Module, example: torch.Tensor, Xval: np.ndarray, yval: np.ndarray, logits: Optional[np.ndarray] = None) -> dict:
@@ -337,6 +352,7 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     student = student.cpu().eval()
     val_logits = predict(student, data.Xval)
     recovered = model_figures(student, example, data.Xval, data.yval, val_logits)
+    lat_before, lat_after = torch_latency(teacher, student, example=example)
     save_pruned(student, teacher, out)
     np.save(out / "val_logits.npy", val_logits.astype(np.float32))
     meta = {
@@ -357,7 +373,8 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
         "macs_ratio": recovered["macs"] / before["macs"] if before["macs"] else None,
         "params_ratio": recovered["params"] / before["params"] if before["params"] else None,
         "bytes": (out / "model.safetensors").stat().st_size,
-        "host_latency": torch_latency(student, example),
+        "host_latency": lat_after,
+        "host_latency_before": lat_before,
         "history": r.history,
         "seconds": time.perf_counter() - t0,
     }
