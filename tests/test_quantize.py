@@ -1,0 +1,124 @@
+"""The int8 accuracy guard: remedies in order, every attempt recorded, the profile's fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgebuild.errors import GateFailed
+from edgebuild.profiles import ProfileRegistry
+from edgebuild.stages import export as export_stage
+from edgebuild.stages import quantize as quantize_stage
+
+from conftest import write_config
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+
+
+def _data(n=48):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+    return X, np.arange(n) % 3
+
+
+def _exported(tmp_path, target, **update):
+    prof = ProfileRegistry([]).get(target).model_copy(update=update)
+    edir = tmp_path / "export"
+    edir.mkdir()
+    export_stage.run(_tiny(), torch.zeros(1, 1, 8, 8), prof, edir)
+    out = tmp_path / "quant"
+    out.mkdir()
+    return prof, edir, out
+
+
+def test_plain_when_within_budget(tmp_path):
+    prof, edir, out = _exported(tmp_path, "x86-onnxruntime-int8")
+    X, y = _data()
+    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, baseline_accuracy=0.0, max_accuracy_drop=0.5)
+    assert meta["decision"] == "int8" and meta["effective_precision"] == "int8"
+    assert [a["attempt"] for a in meta["attempts"]] == ["plain"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
+def test_guard_tries_remedies_then_falls_back_to_fp32(tmp_path):
+    prof, edir, out = _exported(tmp_path, "x86-onnxruntime-int8")  # fallback: fp32
+    X, y = _data()
+    logs = []
+    # an unreachable baseline forces every int8 attempt over the budget
+    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, baseline_accuracy=1.5, max_accuracy_drop=0.0, log=logs.append)
+    names = [a["attempt"] for a in meta["attempts"]]
+    assert names[0] == "plain" and names[1] == "first conv and head in float"
+    assert any("entropy" in n for n in names) and any("percentile" in n for n in names)
+    assert names[-1].startswith("fallback fp32")
+    assert meta["attempts"][1]["excluded_nodes"]  # first conv and head really excluded
+    assert all("accuracy" in a for a in meta["attempts"])
+    assert meta["decision"] == "fallback-fp32" and meta["effective_precision"] == "fp32"
+    assert (out / "model.onnx").read_bytes() == (edir / "model.onnx").read_bytes()
+    assert not list(out.glob(".attempt-*"))
+    assert any("falling back to fp32" in line for line in logs)
+
+
+def test_fallback_fail_is_a_failed_gate(tmp_path):
+    prof, edir, out = _exported(tmp_path, "x86-onnxruntime-int8", fallback="fail")
+    X, y = _data()
+    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, baseline_accuracy=1.5, max_accuracy_drop=0.0)
+    assert meta["decision"] == "fail" and meta["effective_precision"] == "int8"
+    rows = quantize_stage.guard_gate_rows("t", meta)
+    assert rows and rows[0]["verdict"] == "FAIL"
+
+
+def test_openvino_guard_uses_ignored_scope_and_accuracy_control(tmp_path):
+    prof, edir, out = _exported(tmp_path, "x86-openvino-int8")
+    X, y = _data(24)
+    meta = quantize_stage.run(prof, edir, out, X[:12], Xval=X, yval=y, baseline_accuracy=1.5, max_accuracy_drop=0.0)
+    names = [a["attempt"] for a in meta["attempts"]]
+    assert names[:2] == ["plain", "first conv and head in float"]
+    assert meta["attempts"][1]["ignored"]
+    assert "NNCF accuracy-controlled quantization" in names
+    assert meta["effective_precision"] == "fp32" and (out / "model.xml").is_file()
+
+
+def _force_int8_loss(monkeypatch):
+    real = quantize_stage.host_accuracy
+
+    def fake(profile, artifact, precision, X, y):
+        return 0.0 if precision == "int8" else real(profile, artifact, precision, X, y)
+
+    monkeypatch.setattr(quantize_stage, "host_accuracy", fake)
+
+
+def test_pipeline_records_fallback_in_manifest(tiny_project, monkeypatch):
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+
+    _force_int8_loss(monkeypatch)
+    p = write_config(tiny_project, targets="[x86-onnxruntime-int8]", extra="budgets: {max_accuracy_drop: 0.05}\n")
+    res = Build(load_build_config(p), out=tiny_project / "dist").run()
+    m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-int8" / "manifest.json").read_text())
+    assert m["model"]["precision"] == "fp32" and m["model"]["requested_precision"] == "int8"
+    q = m["model"]["quantization"]
+    assert q["decision"] == "fallback-fp32" and len(q["attempts"]) >= 4
+    assert m["model"]["calibration"]["samples"] > 0
+    t = res.report["targets"]["x86-onnxruntime-int8"]
+    assert t["precision"] == {"requested": "int8", "effective": "fp32"}
+
+
+def test_pipeline_fallback_fail_exits_3(tiny_project, monkeypatch, cli):
+    _force_int8_loss(monkeypatch)
+    (tiny_project / "targets").mkdir()
+    (tiny_project / "targets" / "strict-int8.yaml").write_text("extends: x86-onnxruntime-int8\nfallback: fail\n")
+    p = write_config(tiny_project, targets="[strict-int8]", extra="budgets: {max_accuracy_drop: 0.05}\n")
+    code, out, err = cli("build", p, "-o", tiny_project / "dist")
+    assert code == 3
+    assert "int8 accuracy guard" in out + err
+    assert not (tiny_project / "dist" / "tiny-strict-int8").exists()
+    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    assert report["status"] == "failed"
