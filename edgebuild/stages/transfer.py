@@ -23,7 +23,7 @@ from ..metrics import count_macs, count_params
 from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "transfer"
-VERSION = 1
+VERSION = 2
 
 
 def example_input(cfg: BuildConfig) -> torch.Tensor:
@@ -88,6 +88,10 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
         history += r.history
         epoch_seconds += r.epoch_seconds
     model = model.cpu().eval()
+    from .prune import torch_latency
+
+    with torch.inference_mode():
+        host_latency = torch_latency(model, example=example_input(cfg))[0]
     val_logits = predict(model, data.Xval)
     val_acc = float((val_logits.argmax(1) == data.yval).mean())
     save_model(model, out)
@@ -101,6 +105,7 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
         "val_accuracy": val_acc,
         "params": count_params(model),
         "macs": count_macs(model, example_input(cfg)),
+        "host_latency": host_latency,
         "history": history,
         "seconds": time.perf_counter() - t0,
         "feature_seconds": feature_seconds,
