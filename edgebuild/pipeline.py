@@ -552,10 +552,10 @@ class Build:
         }
 
     def _write_report(self, report: dict) -> None:
-        from .render import render
+        from .report import render_html
 
         self.out.mkdir(parents=True, exist_ok=True)
-        for fname, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.html", render("report.html.j2", report=report))):
+        for fname, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.html", render_html(report))):
             tmp = self.out / f".{fname}.tmp"
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.out / fname)
