@@ -54,6 +54,28 @@ def _checksums(folder: Path) -> dict[str, str]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(folder: Path, prefix: str) -> None:
+    """Remove ``PREFIX<pid>-...`` folders left by a killed process (whose pid is gone)."""
+    if not folder.is_dir():
+        return
+    for d in folder.iterdir():
+        if not d.name.startswith(prefix):
+            continue
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class Cache:
     def __init__(self, root: Path | None = None, enabled: bool = True):
         self.root = Path(root) if root else default_root()
@@ -86,7 +108,8 @@ class Cache:
     def put(self, stage: str, key: str, describe: dict, build: Callable[[Path], Any]) -> tuple[Path, Any]:
         """Run ``build(tmpdir)``; on success move tmpdir to the entry atomically."""
         (self.root / stage).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root / stage))
+        sweep_stale(self.root / stage, ".tmp-")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key}-", dir=self.root / stage))
         try:
             result = build(tmp)
             entry = {"stage": stage, "key": key, "created": time.time(), "describe": describe, "files": _checksums(tmp)}

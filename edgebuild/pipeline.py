@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import __version__
-from .cache import Cache, make_key
+from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, TargetProfile
 from .data import (
     calibration_indices,
@@ -265,7 +265,8 @@ class Build:
         gate_rows = []
         staged = []
         self.out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+        sweep_stale(self.out, ".staging-")  # left by a build that was killed
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.out))
         try:
             for name, prof in self.profiles.items():
                 estep = by[("export", name)]
