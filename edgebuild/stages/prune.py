@@ -37,7 +37,7 @@ from ..metrics import count_macs, count_params
 from ..training import fit, predict, seed_everything
 
 NAME = "prune"
-VERSION = 1
+VERSION = 2
 
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("global", "uniform")
@@ -299,9 +299,20 @@ def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
 @torch.no_grad()
 def torch_latency(*models: nn.Module, example: torch.Tensor, rounds: int = 7, iters: int = 10, warmup: int = 5) -> list[dict]:
     """Batch-1 PyTorch latency on this host's CPU (p50/p90 ms) of each model, measured in
-    interleaved rounds so that models compared with each other see the same host load."""
+    interleaved rounds so that models compared with each other see the same host load.
+    One intra-op thread: multi-threaded OpenMP barriers make batch-1 timings of small models
+    swing by 100x on a busy host."""
     x = torch.randn((1,) + tuple(example.shape[1:]), generator=torch.Generator().manual_seed(0))
     models = [m.cpu().eval() for m in models]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _interleaved(models, x, rounds, iters, warmup)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _interleaved(models, x, rounds, iters, warmup) -> list[dict]:
     for m in models:
         for _ in range(warmup):
             m(x)
@@ -313,7 +324,7 @@ def torch_latency(*models: nn.Module, example: torch.Tensor, rounds: int = 7, it
                 m(x)
                 times[i].append((time.perf_counter() - t0) * 1000.0)
     return [{"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "iterations": len(t),
-             "runtime": f"torch {torch.__version__} cpu", "threads": torch.get_num_threads()} for t in times]
+             "runtime": f"torch {torch.__version__} cpu", "threads": 1} for t in times]
 
 
 def model_figures(model: nn.Module, example: torch.Tensor, Xval: np.ndarray, yval: np.ndarray, logits: Optional[np.ndarray] = None) -> dict:
