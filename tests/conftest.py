@@ -66,9 +66,14 @@ def make_images(root: Path, classes: dict[str, int], size=(16, 16), mode="L", se
 @pytest.fixture
 def tiny_project(tmp_path):
     """A complete small project: backbone file, weights, train/val folders, build file."""
+    return make_tiny_project(tmp_path)
+
+
+def make_tiny_project(tmp_path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "backbone.py").write_text(TINY_BACKBONE)
     classes = {"a": 12, "b": 12, "c": 12}
     make_images(tmp_path / "data" / "train", classes, seed=1)
