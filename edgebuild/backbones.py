@@ -7,6 +7,7 @@ would need anything more is refused, never executed.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import pickle
@@ -41,7 +42,8 @@ def _python_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise ModelError(f"backbone file not found: {path}", hint="paths in 'backbone.source' resolve against the build file's folder")
-        mod_name = f"edgebuild_user_{abs(hash(str(path.resolve())))}"
+        # a stable name: it ends up in exported graphs' metadata, which must be reproducible
+        mod_name = "edgebuild_user_" + hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module

@@ -8,6 +8,7 @@ which stages are cached and why the others run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -113,7 +114,9 @@ class Build:
                 Xtr, ytr = load_arrays(train, cfg.preprocess, lambda n: t.update(n) if n % 200 == 0 else None)
                 Xva, yva = load_arrays(val, cfg.preprocess, lambda n: t.update(len(train) + n) if n % 200 == 0 else None)
                 t.update(total)
-            fp = make_key("data", 1, {}, {"train": fingerprint_folder(train), "val": fingerprint_folder(val)})
+            # the images and the preprocessing code that turns them into tensors
+            code = sha256_file(Path(__file__).resolve().parent / "preprocess.py")
+            fp = hashlib.sha256(f"train:{fingerprint_folder(train)}\nval:{fingerprint_folder(val)}\npreprocess:{code}\n".encode()).hexdigest()
             self._data = Data(train.classes, Xtr, ytr, Xva, yva, val.files, fp, train.class_counts(), val.class_counts())
         return self._data
 

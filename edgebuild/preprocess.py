@@ -23,23 +23,34 @@ def to_mode(img, color):
     return img if img.mode == target else img.convert(target)
 
 
+def bilinear(img, width, height):
+    """Pillow's antialiased bilinear resize, done as two explicit passes (width, then height;
+    8-bit rounding between them), so every Pillow version and the C++ stub give the same bytes
+    (a one-call resize may pick either pass order)."""
+    if img.size[0] != width:
+        img = img.resize((width, img.size[1]), Image.BILINEAR)
+    if img.size[1] != height:
+        img = img.resize((width, height), Image.BILINEAR)
+    return img
+
+
 def resize(img, height, width, mode):
     """stretch: to exactly HxW; letterbox: fit inside, pad with black, centred;
     center-crop: scale the short side to fit, then crop the centre."""
     w0, h0 = img.size
     if mode == "stretch":
-        return img.resize((width, height), Image.BILINEAR)
+        return bilinear(img, width, height)
     if mode == "letterbox":
         scale = min(width / w0, height / h0)
         nw, nh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-        inner = img.resize((nw, nh), Image.BILINEAR)
+        inner = bilinear(img, nw, nh)
         canvas = Image.new(img.mode, (width, height), 0)
         canvas.paste(inner, ((width - nw) // 2, (height - nh) // 2))
         return canvas
     if mode == "center-crop":
         scale = max(width / w0, height / h0)
         nw, nh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = bilinear(img, nw, nh)
         left, top = (nw - width) // 2, (nh - height) // 2
         return img.crop((left, top, left + width, top + height))
     raise ValueError("unknown resize mode: " + str(mode))

@@ -133,7 +133,8 @@ inline uint8_t clip8(int32_t v) {
 
 }  // namespace detail
 
-// Pillow's Image.resize((width, height), Image.BILINEAR) for modes L and RGB.
+// edgebuild.preprocess.bilinear: Pillow's BILINEAR resize as two explicit passes (width, then height),
+// 8-bit rounding between them, for modes L and RGB.
 inline Image8 resize_bilinear(const Image8 &in, int width, int height) {
     if (in.width == width && in.height == height) return in;
     const int ch = in.channels;
