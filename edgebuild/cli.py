@@ -68,7 +68,9 @@ def cli(ctx, verbose):
 @click.option("--json", "as_json", is_flag=True, help="one JSON summary on stdout, no progress bars")
 @click.option("--targets-dir", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="extra folder of target profiles")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR", help="stage cache folder")
-def build(config, targets, out, force, as_json, targets_dir, cache_dir):
+@click.option("--reproducible", is_flag=True, default=None,
+              help="leave host timings out of the bundles so the same inputs give byte-identical archives (implied by SOURCE_DATE_EPOCH)")
+def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
     from .config import load_build_config
@@ -78,7 +80,7 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir):
     t0 = time.perf_counter()
     cfg = load_build_config(config)
     progress = Progress("quiet" if as_json else "auto")
-    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir))
+    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None)
     try:
         result = b.run()
     except GateFailed:

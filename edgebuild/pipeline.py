@@ -85,10 +85,37 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
+TIMING_KEYS = {"seconds", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "benchmark", "hostname", "host_latency",
+               "host_latency_before", "host_latency_after", "mean_epoch_seconds", "epoch_seconds", "feature_seconds", "created"}
+
+
+def strip_timings(obj):
+    """A copy of ``obj`` without host timings (any key in TIMING_KEYS, or ending in _seconds/_ms)."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items()
+                if not (k in TIMING_KEYS or k.endswith("_seconds") or k.endswith("_ms"))}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj
+
+
+def git_dirty(path: Path) -> bool | None:
+    """True when the build folder's git checkout has uncommitted changes (None: not a checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 class Build:
     def __init__(self, cfg: BuildConfig, targets: Optional[list[str]] = None, out: Optional[Path] = None,
-                 cache: Optional[Cache] = None, progress: Optional[Progress] = None, targets_dirs: tuple = ()):
+                 cache: Optional[Cache] = None, progress: Optional[Progress] = None, targets_dirs: tuple = (),
+                 reproducible: Optional[bool] = None):
         self.cfg = cfg
+        # reproducible: bundles carry no host timings, so the same inputs give the same bytes
+        # from a cold cache too (SOURCE_DATE_EPOCH set implies it, as in other build tools)
+        self.reproducible = bool(os.environ.get("SOURCE_DATE_EPOCH")) if reproducible is None else reproducible
         self.out = Path(out) if out else cfg.root / "dist"
         self.cache = cache or Cache()
         self.progress = progress or Progress("quiet")
@@ -409,7 +436,7 @@ class Build:
             "gates": rows,
         })
         weights = cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None
-        return {
+        manifest = {
             "schema": bundle_stage.SCHEMA,
             "name": cfg.name,
             "version": cfg.version,
@@ -438,8 +465,16 @@ class Build:
                 "seed": cfg.seed,
                 "packages": {"edgebuild": __version__, **{p: bundle_stage.pkg_version(p) for p in PACKAGES}},
                 "git_commit": git_commit(cfg.root),
+                "git_dirty": git_dirty(cfg.root),
             },
         }
+        if self.reproducible:
+            manifest = strip_timings(manifest)
+            for g in manifest["metrics"]["gates"]:
+                if g["budget"].startswith("max_latency") and g["measured"] is not None:
+                    g["measured"] = "omitted (see report.json)"
+            manifest["metrics"]["timings"] = "omitted: reproducible build (host timings vary run to run); see dist/report.json"
+        return manifest
 
     def _model_files(self, prof: TargetProfile) -> list[str]:
         return ["model.onnx"] if prof.format == "onnx" else ["model.xml", "model.bin"]
@@ -518,7 +553,8 @@ class Build:
             ("fp32 reference accuracy", f"{m['fp32_reference_accuracy']:.4f}"),
             ("top-1 agreement with reference", f"{m['agreement']:.4f}"),
             ("max abs diff vs reference", f"{m['max_abs_diff']:.3g}"),
-            ("latency p50 / p90", f"{m['latency_p50_ms']:.3f} / {m['latency_p90_ms']:.3f} ms"),
+            ("latency p50 / p90", f"{m['latency_p50_ms']:.3f} / {m['latency_p90_ms']:.3f} ms" if "latency_p50_ms" in m
+             else "omitted in a reproducible build; see report.json"),
             ("size", f"{m['size_bytes']} bytes"),
             ("MACs / params", f"{m['macs']} / {m['params']}"),
         ]

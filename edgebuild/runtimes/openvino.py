@@ -45,3 +45,23 @@ class OvRunner(Runner):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return np.array(self.request.infer({0: x})[self.compiled.output(0)])
+
+
+def save_model(model, xml_path, compress_to_fp16: bool = False) -> None:
+    """ov.save_model with reproducible node names.
+
+    OpenVINO names unnamed nodes from a process-wide counter (``Constant_31237``), so the same
+    graph saved by two processes, or twice in one, differs byte for byte. Auto-generated names
+    are replaced by ``TYPE_INDEX`` in topological order; names that came from the model stay.
+    """
+    import re
+
+    import openvino as ov
+
+    auto = re.compile(r"^(?P<type>[A-Za-z][A-Za-z0-9]*)_\d+$")
+    for i, op in enumerate(model.get_ordered_ops()):
+        name = op.get_friendly_name()
+        m = auto.match(name)
+        if m and m.group("type") == op.get_type_name() or (m and op.get_type_name() == "Constant"):
+            op.set_friendly_name(f"{op.get_type_name()}_eb{i}")
+    ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)

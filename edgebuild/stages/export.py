@@ -21,7 +21,7 @@ from ..config import TargetProfile
 from ..errors import ModelError
 
 NAME = "export"
-VERSION = 1
+VERSION = 2
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -89,7 +89,9 @@ def to_openvino(onnx_path: Path, xml_path: Path, profile: TargetProfile, example
         ovm = ov.convert_model(str(onnx_path), input=[(INPUT_NAME, ov.PartialShape(shape))])
     except Exception as e:
         raise ModelError(f"OpenVINO conversion failed: {str(e).strip().splitlines()[0][:300]}", hint="check the ONNX model with onnx.checker and the OpenVINO release notes") from e
-    ov.save_model(ovm, str(xml_path), compress_to_fp16=(profile.precision == "fp16"))
+    from ..runtimes.openvino import save_model
+
+    save_model(ovm, xml_path, compress_to_fp16=(profile.precision == "fp16"))
     return {"seconds": time.perf_counter() - t0, "bytes": xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size}
 
 

@@ -134,7 +134,9 @@ def quantize_openvino(src_xml: Path, dst_xml: Path, calib: np.ndarray, profile: 
                     drop_type=nncf.DropType.ABSOLUTE, preset=qpreset, subset_size=len(items), **kwargs)
             else:
                 q = nncf.quantize(model, nncf.Dataset(items), preset=qpreset, subset_size=len(items), **kwargs)
-            ov.save_model(q, str(dst_xml), compress_to_fp16=False)
+            from ..runtimes.openvino import save_model
+
+            save_model(q, dst_xml, compress_to_fp16=False)
     except Exception as e:
         raise ModelError(f"NNCF quantization failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                          hint="try preset: mixed in the target profile, or an fp16/fp32 target") from e
@@ -210,7 +212,9 @@ def _fallback(profile: TargetProfile, src: Path, out: Path, precision: str) -> s
     if profile.runtime == "openvino" and precision == "fp16":
         import openvino as ov
 
-        ov.save_model(ov.Core().read_model(str(src / "model.xml")), str(out / "model.xml"), compress_to_fp16=True)
+        from ..runtimes.openvino import save_model
+
+        save_model(ov.Core().read_model(str(src / "model.xml")), out / "model.xml", compress_to_fp16=True)
         return "fp16"
     for f in _model_files(profile):
         shutil.copyfile(src / f, out / f)

@@ -1,0 +1,52 @@
+"""Same build file, data, weights and seed: same bytes, from a cold cache too."""
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import write_config
+
+pytestmark = pytest.mark.slow
+
+TARGETS = "[x86-onnxruntime-fp32, x86-onnxruntime-int8, x86-openvino-int8]"
+
+
+def digests(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cold_builds_are_byte_identical(tiny_project, cli, tmp_path, monkeypatch):
+    write_config(tiny_project, targets=TARGETS)
+    outs = []
+    for i in range(2):
+        monkeypatch.setenv("EDGEBUILD_CACHE_DIR", str(tmp_path / f"cold-cache-{i}"))
+        out = tmp_path / f"dist{i}"
+        code, _, err = cli("build", tiny_project / "edgebuild.yaml", "-o", out, "--reproducible")
+        assert code == 0, err
+        outs.append(out)
+    for t in ("x86-onnxruntime-fp32", "x86-onnxruntime-int8", "x86-openvino-int8"):
+        name = f"tiny-{t}"
+        a, b = digests(outs[0] / name), digests(outs[1] / name)
+        assert a == b, {k for k in a if a[k] != b.get(k)}
+        assert (outs[0] / f"{name}.tar.gz").read_bytes() == (outs[1] / f"{name}.tar.gz").read_bytes()
+        assert (outs[0] / f"{name}.tar.gz.sha256").read_text() == (outs[1] / f"{name}.tar.gz.sha256").read_text()
+        m = json.loads((outs[0] / name / "manifest.json").read_text())
+        assert "latency_p50_ms" not in m["metrics"] and "reproducible" in m["metrics"]["timings"]
+        assert m["metrics"]["accuracy"] is not None  # deterministic figures stay
+
+
+def test_model_files_identical_without_the_flag(tiny_project, cli, tmp_path, monkeypatch):
+    """A default build records host timings in manifest.json, but every model, stub and
+    golden-vector file is still the same from a cold cache."""
+    outs = []
+    for i in range(2):
+        monkeypatch.setenv("EDGEBUILD_CACHE_DIR", str(tmp_path / f"c{i}"))
+        code, _, err = cli("build", tiny_project / "edgebuild.yaml", "-o", tmp_path / f"d{i}")
+        assert code == 0, err
+        outs.append(tmp_path / f"d{i}" / "tiny-x86-onnxruntime-fp32")
+    a, b = digests(outs[0]), digests(outs[1])
+    differing = {k for k in a if a[k] != b.get(k)}
+    assert differing <= {"manifest.json", "README.md"}, differing
+    m = json.loads((outs[0] / "manifest.json").read_text())
+    assert m["metrics"]["latency_p50_ms"] > 0
