@@ -1,0 +1,417 @@
+"""Side-by-side benchmarks: edgebuild's artifacts against the usual hand-written recipes.
+
+    python -m benchmarks.run            # full run, rewrites BENCHMARKS.md and benchmarks/results.json
+    python -m benchmarks.run --quick    # few iterations, for checking the harness
+
+Everything runs in one process on this machine: batch 1, 2 threads, warm-up then timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
+HOST_PROFILES = ["x86-onnxruntime-fp32", "x86-onnxruntime-int8", "x86-openvino-fp32", "x86-openvino-fp16", "x86-openvino-int8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# timing harness (the same for every row)
+# ----------------------------------------------------------------------------------------------
+
+
+def timeit(fn, x, warmup: int, iters: int, max_seconds: float) -> dict:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    t_end = time.perf_counter() + max_seconds
+    while len(times) < iters and (len(times) < 10 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    a = np.asarray(times)
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)), "iterations": len(a)}
+
+
+# ----------------------------------------------------------------------------------------------
+# hardware limit
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_limit(opts) -> dict:
+    """Attainable fp32 and int8 multiply-accumulate rates on this CPU: large matmuls in ONNX
+    Runtime (MatMul, MatMulInteger u8 x s8) and OpenVINO (f32 MatMul; FakeQuantize'd MatMul,
+    which its CPU plugin runs as a u8 x i8 FullyConnected), 2 threads; the best of each."""
+    import onnxruntime as ort
+    import openvino as ov
+    import openvino.opset13 as ops
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = 1024
+    rng = np.random.default_rng(0)
+    rates = {}
+
+    def best_rate(fn, x):
+        for _ in range(3):
+            fn(x)
+        best = min(_once(fn, x) for _ in range(opts.mm_iters))
+        return n**3 / best / 1e9
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    w = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "mm",
+                          [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [w])
+    s = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    rates["onnxruntime fp32 MatMul"] = best_rate(lambda x: s.run(None, {"A": x}), a)
+    w8 = numpy_helper.from_array(rng.integers(-127, 127, (n, n), dtype=np.int8), "W")
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], "mmi",
+                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w8])
+    s8 = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rates["onnxruntime int8 MatMulInteger"] = best_rate(lambda x: s8.run(None, {"A": x}), rng.integers(0, 255, (n, n), dtype=np.uint8))
+
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(THREADS)}
+
+    def fq(node, lo, hi, levels):
+        c = [ops.constant(np.float32(v)) for v in (lo, hi, lo, hi)]
+        return ops.fake_quantize(node, *c, levels)
+
+    p = ops.parameter([n, n], np.float32, name="A")
+    wf = ops.constant(rng.standard_normal((n, n)).astype(np.float32))
+    req = core.compile_model(ov.Model([ops.matmul(p, wf, False, False)], [p]), "CPU", cfg).create_infer_request()
+    rates["openvino fp32 MatMul"] = best_rate(lambda x: req.infer({0: x}), a)
+    p = ops.parameter([n, n], np.float32, name="A")
+    req8 = core.compile_model(ov.Model([ops.matmul(fq(p, 0, 4, 256), fq(wf, -4, 4, 255), False, False)], [p]), "CPU", cfg).create_infer_request()
+    rates["openvino int8 FakeQuantize MatMul"] = best_rate(lambda x: req8.infer({0: x}), np.abs(a))
+    fp32 = max(v for k, v in rates.items() if "fp32" in k)
+    int8 = max(v for k, v in rates.items() if "int8" in k)
+    return {"fp32_gmacs": fp32, "int8_gmacs": int8, "all": rates,
+            "method": f"best of ONNX Runtime and OpenVINO {n}x{n}x{n} matmuls, {THREADS} threads, fastest of {opts.mm_iters} runs"}
+
+
+def _once(fn, x) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# models and projects
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_config(kind: str):
+    import transformers
+
+    if kind == "resnet18":
+        return transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                         layer_type="basic", num_labels=1000)
+    if kind == "mobilenetv2":
+        return transformers.MobileNetV2Config(num_labels=1000, image_size=224)
+    raise ValueError(kind)
+
+
+def make_project(root: Path, kind: str, prune_ratio: float, n_train: int, n_val: int) -> Path:
+    from PIL import Image
+
+    hf_config(kind).save_pretrained(root / "hf")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(4):
+            d = root / "data" / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+                arr[..., c % 3] //= 2
+                Image.fromarray(arr, "RGB").save(d / f"{i}.png")
+    prune = ""
+    if prune_ratio:
+        prune = f"  prune: {{ratio: {prune_ratio}, importance: l2, recover_epochs: 1}}\n  distill: {{temperature: 4.0, alpha: 0.5}}\n"
+    (root / "edgebuild.yaml").write_text(textwrap.dedent(f"""\
+        name: {kind}
+        seed: 0
+        backbone: {{source: "hf:hf"}}
+        data: {{train: data/train, val: data/val}}
+        preprocess: {{input_size: [224, 224], color: rgb, resize: stretch, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
+        transfer: {{mode: features, epochs: 1, batch_size: 16, lr: 0.01}}
+        compress:
+        """) + prune + "  quantize: {calibration_samples: 64}\n" + f"targets: {HOST_PROFILES}\n")
+    return root / "edgebuild.yaml"
+
+
+def build(config: Path, out: Path, cache: Path) -> dict:
+    from edgebuild.cache import Cache
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+    from edgebuild.progress import Progress
+
+    cfg = load_build_config(config)
+    t0 = time.perf_counter()
+    res = Build(cfg, None, out, Cache(cache), Progress("plain")).run()
+    res.report["wall_seconds"] = time.perf_counter() - t0
+    return res.report
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-written recipes
+# ----------------------------------------------------------------------------------------------
+
+
+def recipes(kind: str, work: Path, calib: np.ndarray, opts) -> tuple[dict, int]:
+    """The usual scripts a user would write, each timed with the same harness."""
+    import onnxruntime as ort
+    import openvino as ov
+    import torch
+
+    from edgebuild.backbones import LogitsOnly
+    from edgebuild.metrics import count_macs
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = LogitsOnly(transformers.AutoModelForImageClassification.from_config(hf_config(kind))).eval()
+    x = calib[:1]
+    macs = count_macs(model, torch.from_numpy(x))
+    rows = {}
+    torch.set_num_threads(THREADS)
+    with torch.inference_mode():
+        rows["PyTorch eager fp32"] = timeit(lambda a: model(torch.from_numpy(a)), x, opts.warmup, opts.iters, opts.seconds)
+    onnx_path = work / f"{kind}.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(onnx_path), dynamo=True, external_data=False, opset_version=18,
+                      input_names=["input"], output_names=["logits"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    rows["ONNX Runtime fp32"] = timeit(lambda a: s.run(None, {"input": a}), x, opts.warmup, opts.iters, opts.seconds)
+    rows["ONNX Runtime fp32"]["bytes"] = onnx_path.stat().st_size
+    # plain quantize_static defaults
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class R(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i : i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    q_path = work / f"{kind}-ort-int8.onnx"
+    quantize_static(str(onnx_path), str(q_path), R())
+    s8 = ort.InferenceSession(str(q_path), so, providers=["CPUExecutionProvider"])
+    rows["ONNX Runtime int8 (quantize_static defaults)"] = timeit(lambda a: s8.run(None, {"input": a}), x, opts.warmup, opts.iters, opts.seconds)
+    rows["ONNX Runtime int8 (quantize_static defaults)"]["bytes"] = q_path.stat().st_size
+    core = ov.Core()
+    ovm = ov.convert_model(str(onnx_path))
+    for label, cfg in (("OpenVINO f32 forced", {"INFERENCE_PRECISION_HINT": "f32"}), ("OpenVINO default precision", {})):
+        c = core.compile_model(ovm, "CPU", {"INFERENCE_NUM_THREADS": str(THREADS), "PERFORMANCE_HINT": "LATENCY", **cfg})
+        req = c.create_infer_request()
+        rows[label] = timeit(lambda a: req.infer({0: a}), x, opts.warmup, opts.iters, opts.seconds)
+        rows[label]["inference_precision"] = c.get_property("INFERENCE_PRECISION_HINT").to_string()
+    import nncf
+
+    q = nncf.quantize(ovm, nncf.Dataset([calib[i : i + 1] for i in range(len(calib))]))
+    c = core.compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": str(THREADS), "PERFORMANCE_HINT": "LATENCY"})
+    req = c.create_infer_request()
+    rows["OpenVINO int8 (nncf.quantize defaults)"] = timeit(lambda a: req.infer({0: a}), x, opts.warmup, opts.iters, opts.seconds)
+    for r in rows.values():
+        r["macs"] = macs
+    return rows, macs
+
+
+def edgebuild_rows(dist: Path, label: str, opts, x: np.ndarray) -> dict:
+    from edgebuild.config import TargetProfile
+    from edgebuild.runtimes import open_runner
+
+    rows = {}
+    for b in sorted(p for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = json.loads((b / "manifest.json").read_text())
+        prof = TargetProfile.model_validate(m["target"])
+        r = open_runner(prof, b)
+        row = timeit(r._run, np.repeat(x[:1], r.static_batch or 1, axis=0), opts.warmup, opts.iters, opts.seconds)
+        row.update({"bytes": m["metrics"]["size_bytes"], "macs": m["metrics"]["macs"], "accuracy": m["metrics"].get("accuracy"),
+                    "precision": m["model"]["precision"], "settings": r.settings})
+        rows[f"edgebuild {prof.name}{label}"] = row
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt_table(rows: dict, eager: float, best_hand: float, limit: dict) -> str:
+    lines = ["| artifact | p50 ms | p90 ms | vs eager | vs best hand-written | size MB | MMACs | GMAC/s | % of machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        gmacs = r["macs"] / (r["p50_ms"] / 1e3) / 1e9
+        peak = limit["int8_gmacs"] if ("int8" in name) else limit["fp32_gmacs"]
+        size = f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-"
+        lines.append(f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {eager / r['p50_ms']:.2f}x | {best_hand / r['p50_ms']:.2f}x | {size} | "
+                     f"{r['macs'] / 1e6:.0f} | {gmacs:.1f} | {100 * gmacs / peak:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="resnet18,mobilenetv2")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    opts = ap.parse_args(argv)
+    opts.warmup, opts.iters, opts.seconds, opts.mm_iters = (3, 10, 2, 3) if opts.quick else (20, 200, 8, 20)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    work = Path(tempfile.mkdtemp(prefix="edgebuild-bench-"))
+    results = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "command": "python -m benchmarks.run" + (" --quick" if opts.quick else "")}
+    print("measuring the machine limit", file=sys.stderr)
+    limit = machine_limit(opts)
+    results["limit"] = limit
+    results["models"] = {}
+    for kind in opts.models.split(","):
+        print(f"== {kind}", file=sys.stderr)
+        per = {}
+        builds = {}
+        for ratio in (0.0, 0.3, 0.5):
+            proj = work / f"{kind}-{ratio}"
+            cfg = make_project(proj, kind, ratio, n_train=4 if opts.quick else 16, n_val=2 if opts.quick else 8)
+            builds[ratio] = build(cfg, proj / "dist", work / "cache")
+        from edgebuild.data import load_image
+        from edgebuild.config import load_build_config
+
+        c = load_build_config(work / f"{kind}-0.0" / "edgebuild.yaml")
+        files = sorted((work / f"{kind}-0.0" / "data" / "train").rglob("*.png"))
+        calib = np.stack([load_image(f, c.preprocess) for f in files[:64]]).astype(np.float32)
+        hand, macs = recipes(kind, work, calib, opts)
+        per.update(hand)
+        for ratio in (0.0, 0.3, 0.5):
+            per.update(edgebuild_rows(work / f"{kind}-{ratio}" / "dist", "" if not ratio else f" pruned {int(ratio * 100)}%", opts, calib))
+        results["models"][kind] = {"rows": per, "build_stage_seconds": {str(k): v.get("stage_seconds") for k, v in builds.items()},
+                                   "transfer": {str(k): {kk: v["transfer"].get(kk) for kk in ("mean_epoch_seconds", "feature_seconds", "seconds")} for k, v in builds.items()}}
+    results["digits"] = digits_side_by_side(work, opts)
+    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    Path(opts.out).write_text(render_md(results))
+    print(f"wrote {opts.out}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime, openvino, torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
+
+
+def digits_side_by_side(work: Path, opts) -> dict:
+    """Accuracy of every artifact on the digits example: unpruned and pruned, per runtime, and
+    features vs finetune epoch time."""
+    out = {}
+    ex = ROOT / "examples" / "digits"
+    for label, cfgname in (("unpruned", "edgebuild.yaml"), ("pruned", "edgebuild-compressed.yaml")):
+        if not (ex / cfgname).is_file():
+            continue
+        proj = work / f"digits-{label}"
+        shutil.copytree(ex, proj, ignore=shutil.ignore_patterns("dist"))
+        text = (proj / cfgname).read_text()
+        import yaml
+
+        d = yaml.safe_load(text)
+        d["targets"] = HOST_PROFILES
+        (proj / cfgname).write_text(yaml.safe_dump(d))
+        rep = build(proj / cfgname, proj / "dist", work / "cache")
+        out[label] = {"wall_seconds": rep["wall_seconds"], "stage_seconds": rep.get("stage_seconds"),
+                      "fp32_reference_accuracy": rep["transfer"]["val_accuracy"],
+                      "compression": rep.get("compression") or rep.get("prune"),
+                      "targets": {t: {k: v["metrics"].get(k) for k in ("accuracy", "agreement", "latency_p50_ms", "size_bytes")} for t, v in rep["targets"].items()}}
+    # features vs finetune epoch time on digits
+    for mode in ("finetune", "features"):
+        proj = work / f"digits-{mode}"
+        shutil.copytree(ex, proj, ignore=shutil.ignore_patterns("dist"))
+        import yaml
+
+        d = yaml.safe_load((proj / "edgebuild.yaml").read_text())
+        d["transfer"]["mode"] = mode
+        d["targets"] = ["x86-onnxruntime-fp32"]
+        (proj / "edgebuild.yaml").write_text(yaml.safe_dump(d))
+        rep = build(proj / "edgebuild.yaml", proj / "dist", work / "cache")
+        out[f"transfer_{mode}"] = {k: rep["transfer"].get(k) for k in ("mean_epoch_seconds", "feature_seconds", "seconds", "val_accuracy")}
+    return out
+
+
+def render_md(res: dict) -> str:
+    lim = res["limit"]
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{res['command']}` on {res['date']}. Do not edit by hand.",
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; Python {res['machine']['python']}, torch {res['machine']['torch']}, "
+        f"ONNX Runtime {res['machine']['onnxruntime']}, OpenVINO {res['machine']['openvino']}. Batch 1, {THREADS} threads, warm-up then p50/p90 of timed runs.",
+        "",
+        f"Machine limit ({lim['method']}): fp32 {lim['fp32_gmacs']:.1f} GMAC/s, int8 {lim['int8_gmacs']:.1f} GMAC/s "
+        f"({', '.join(f'{k} {v:.0f}' for k, v in lim['all'].items())}). "
+        "'% of machine' divides an artifact's effective rate (its MACs / p50) by the int8 limit for int8 rows and the fp32 limit otherwise.",
+        "",
+    ]
+    hand_names = ["ONNX Runtime fp32", "ONNX Runtime int8 (quantize_static defaults)", "OpenVINO f32 forced", "OpenVINO default precision", "OpenVINO int8 (nncf.quantize defaults)"]
+    for kind, data in res["models"].items():
+        rows = data["rows"]
+        eager = rows["PyTorch eager fp32"]["p50_ms"]
+        best_hand = min(rows[n]["p50_ms"] for n in hand_names if n in rows)
+        parts += [f"## {kind} (hf config, 224x224, random weights)", "", fmt_table(rows, eager, best_hand, lim), ""]
+        best_eb = min((r["p50_ms"], n) for n, r in rows.items() if n.startswith("edgebuild"))
+        parts += [f"Best edgebuild artifact: {best_eb[1]} at {best_eb[0]:.2f} ms = {eager / best_eb[0]:.1f}x PyTorch eager, "
+                  f"{best_hand / best_eb[0]:.2f}x the best hand-written recipe ({best_hand:.2f} ms).", ""]
+        parts += ["Build stage seconds (unpruned / pruned 30% / pruned 50%):", "", "```", json.dumps(data["build_stage_seconds"], indent=1), "```", ""]
+    d = res.get("digits", {})
+    if d:
+        parts += ["## Digits example: accuracy of every artifact", "", "| build | target | accuracy | agreement | p50 ms | size kB |", "|---|---|---|---|---|---|"]
+        for label in ("unpruned", "pruned"):
+            if label not in d:
+                continue
+            parts.append(f"| {label} | fp32 PyTorch reference (transfer) | {d[label]['fp32_reference_accuracy']:.4f} | - | - | - |")
+            for t, m in d[label]["targets"].items():
+                acc = f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "not run"
+                agr = f"{m['agreement']:.4f}" if m.get("agreement") is not None else "-"
+                lat = f"{m['latency_p50_ms']:.3f}" if m.get("latency_p50_ms") is not None else "-"
+                parts.append(f"| {label} | {t} | {acc} | {agr} | {lat} | {m['size_bytes'] / 1e3:.0f} |")
+        parts.append("")
+        for label in ("unpruned", "pruned"):
+            if label in d:
+                parts += [f"Digits {label} build: {d[label]['wall_seconds']:.1f} s cold; stage seconds:", "", "```", json.dumps(d[label]["stage_seconds"], indent=1), "```", ""]
+        ft, fe = d.get("transfer_finetune"), d.get("transfer_features")
+        if ft and fe:
+            parts += [f"Transfer epoch time on digits: finetune {ft['mean_epoch_seconds']:.3f} s/epoch, features {fe['mean_epoch_seconds']:.4f} s/epoch "
+                      f"({ft['mean_epoch_seconds'] / max(fe['mean_epoch_seconds'], 1e-9):.0f}x faster; features mode also spends "
+                      f"{fe['feature_seconds']:.2f} s once to compute the features). Val accuracy: finetune {ft['val_accuracy']:.4f}, features {fe['val_accuracy']:.4f}.", ""]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
