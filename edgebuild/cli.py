@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -60,6 +61,54 @@ def cli(ctx, verbose):
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript|nncf|openvino|transformers).*")
 
 
+_ARGV: list[str] = []  # the command line main() got: --nproc re-runs it under torchrun
+
+
+def _argv_without_nproc() -> list[str]:
+    out, it = [], iter(_ARGV)
+    for a in it:
+        if a == "--nproc":
+            next(it, None)
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _torchrun(f):
+    """``--nproc N`` starts torchrun with N local processes running this same command; under
+    torchrun (WORLD_SIZE/RANK set, by --nproc or by hand) the process joins the group, and every
+    rank ends with rank 0's exit status (see edgebuild/distributed.py)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, nproc=None, **kwargs):
+        from . import distributed
+
+        if distributed.launched():
+            if nproc is not None:
+                raise click.UsageError("--nproc starts torchrun; under torchrun leave it out")
+        elif nproc is not None and nproc > 1:
+            raise click.exceptions.Exit(distributed.relaunch(nproc, _argv_without_nproc()))
+        else:
+            return f(*args, **kwargs)
+        distributed.init()
+        error = None
+        try:
+            f(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the group is left
+            error = e
+        verbose = bool(click.get_current_context().find_root().params.get("verbose")) or os.environ.get("EDGEBUILD_VERBOSE") == "1"
+        if error is not None and not verbose and distributed.lost_peers(error):
+            click.echo(distributed.lost_peers_message(error), err=True)  # the root cause is another rank's error
+            error = click.exceptions.Exit(1)
+        code = distributed.finish(distributed.exit_code_of(error))
+        if error is not None and (distributed.is_main() or code == distributed.exit_code_of(error)):
+            raise error
+        if code:
+            raise click.exceptions.Exit(code)
+
+    return wrapper
+
+
 @cli.command()
 @click.argument("config", default="edgebuild.yaml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--target", "targets", multiple=True, help="target profile (repeatable); default: the build file's targets")
@@ -70,6 +119,8 @@ def cli(ctx, verbose):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR", help="stage cache folder")
 @click.option("--reproducible", is_flag=True, default=None,
               help="leave host timings out of the bundles so the same inputs give byte-identical archives (implied by SOURCE_DATE_EPOCH)")
+@click.option("--nproc", type=click.IntRange(min=1), help="train on N processes on this machine (runs the build under torchrun)")
+@_torchrun
 def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
@@ -79,7 +130,9 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
 
     t0 = time.perf_counter()
     cfg = load_build_config(config)
-    progress = Progress("quiet" if as_json else "auto")
+    from . import distributed
+
+    progress = Progress("quiet" if as_json or not distributed.is_main() else "auto")
     b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None)
     try:
         result = b.run()
@@ -87,11 +140,15 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
         if as_json and (b.out / "report.json").exists():
             click.echo((b.out / "report.json").read_text())
         raise
+    if result is None:  # a torchrun worker: rank 0 writes and reports
+        return
     report = result.report
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
     _summary(report, b.out)
+    for path in result.bundles:
+        click.echo(f"bundle: {path}  (+ {path.name}.tar.gz)")
     click.echo(f"built {len(result.bundles)} bundle(s) in {time.perf_counter() - t0:.1f}s; report: {b.out / 'report.html'}")
 
 
@@ -99,20 +156,19 @@ def _summary(report: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['name']} {report['version']}")
-    for col in ("target", "precision", "accuracy", "agreement", "p50 ms", "size", "status", "bundle"):
-        table.add_column(col)
+    table = Table(title=f"{report['name']} {report['version']} -> {out}")
+    for col in ("target", "precision", "accuracy", "agreement", "p50 ms", "size", "status"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("precision", "accuracy", "agreement", "p50 ms", "size"))
     for name, t in report["targets"].items():
         m = t["metrics"]
         measured = m.get("status") == "measured"
         table.add_row(
-            name, t["profile"]["precision"],
+            name, (t.get("precision") or {}).get("effective") or t["profile"]["precision"],
             f"{m['accuracy']:.4f}" if measured else "-",
             f"{m['agreement']:.4f}" if measured else "-",
             f"{m['latency_p50_ms']:.3f}" if measured else "-",
             f"{m['size_bytes'] / 1e3:.1f} kB",
             t["status"] if measured else f"not run: {m.get('reason')}",
-            str(out / t["bundle"]),
         )
     console = Console()
     if not console.is_terminal:
@@ -224,6 +280,7 @@ def cache_clear(cache_dir):
 
 
 def main(argv=None) -> int:
+    _ARGV[:] = list(argv) if argv is not None else sys.argv[1:]
     try:
         rv = cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -12,7 +12,7 @@ class Progress:
     def __init__(self, mode: str = "auto"):
         """mode: 'rich' (bars), 'plain' (lines on stderr), 'quiet' (nothing), 'auto'."""
         if mode == "auto":
-            mode = "rich" if sys.stderr.isatty() else "plain"
+            mode = "rich" if sys.stdout.isatty() and sys.stderr.isatty() else "plain"
         self.mode = mode
         self._console = None
         if mode == "rich":
@@ -42,13 +42,14 @@ class Progress:
             last = {"info": ""}
 
             def update(n: int, info: str | None) -> None:
-                if info and self.mode == "plain":
+                if info and self.mode == "plain" and not description.startswith("benchmark"):
                     print(f"  {description} {n}/{total} {info}", file=sys.stderr, flush=True)
                 last["info"] = info or last["info"]
 
             yield _Task(update)
             if self.mode == "plain":
-                print(f"  {description}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+                extra = f" ({last['info']})" if last["info"] and description.startswith("benchmark") else ""
+                print(f"  {description}: done in {time.perf_counter() - t0:.1f}s{extra}", file=sys.stderr, flush=True)
 
 
 class _Task:

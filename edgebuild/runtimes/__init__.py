@@ -35,16 +35,24 @@ class Runner:
         """Latency of one batch (the artifact's static batch, else 1) after warm-up."""
         n = self.static_batch or 1
         x = np.ascontiguousarray(np.repeat(sample[:1], n, axis=0), dtype=np.float32)
+        import contextlib
+
         for _ in range(warmup):
             self._run(x)
         times = []
         t_end = time.perf_counter() + max_seconds
-        while len(times) < min_iters or (time.perf_counter() < t_end and len(times) < 10 * min_iters):
-            t0 = time.perf_counter()
-            self._run(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-            if len(times) >= min_iters and time.perf_counter() > t_end:
-                break
+        label = f"benchmark {self.settings.get('runtime', '')} ({self.settings.get('threads', 'default')} threads)"
+        with (progress.task(label, 10 * min_iters) if progress else contextlib.nullcontext()) as task:
+            while len(times) < min_iters or (time.perf_counter() < t_end and len(times) < 10 * min_iters):
+                t0 = time.perf_counter()
+                self._run(x)
+                times.append((time.perf_counter() - t0) * 1000.0)
+                if task and len(times) % 25 == 0:
+                    task.update(len(times), f"p50 {np.percentile(times, 50):.3f} ms")
+                if len(times) >= min_iters and time.perf_counter() > t_end:
+                    break
+            if task:
+                task.update(len(times), f"p50 {np.percentile(times, 50):.3f} ms over {len(times)} runs")
         arr = np.asarray(times)
         return {
             "batch": n,
