@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,12 +28,127 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def _unsupported_op(err: BaseException) -> str | None:
-    import re
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    text = str(err)
-    m = re.search(r"(aten::[A-Za-z0-9_.]+|aten\.[A-Za-z0-9_.]+)", text)
-    return m.group(1) if m else None
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The exception and its causes, outermost first (cycles cut)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and cur not in out and len(out) < 20:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _unsupported_op(err: BaseException) -> str | None:
+    """The ATen op an export error is about ('aten._linalg_svd'), from any error in the chain."""
+    pats = [r"OpOverload\(op='(aten\.[A-Za-z0-9_]+)'", r"torch\.ops\.(aten\.[A-Za-z0-9_]+)", r"(aten::[A-Za-z0-9_]+)", r"(aten\.[A-Za-z0-9_]+)"]
+    texts = [_ANSI.sub("", str(e)) for e in _chain(err)]
+    for pat in pats:
+        for text in reversed(texts):  # the innermost error is the most specific
+            m = re.search(pat, text)
+            if m:
+                return m.group(1).replace("::", ".")
+    return None
+
+
+def _op_base(name: str) -> str:
+    name = name.replace("::", ".")
+    if name.startswith("aten."):
+        name = name[len("aten."):]
+    return name.split(".")[0]
+
+
+def _describe(model: nn.Module, path: str) -> str:
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return f"'{path}'"
+    return f"'{path}' ({type(mod).__name__})" if path else f"the top-level model ({type(mod).__name__})"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' logging (guard warnings) and prints while exporting. What they
+    print to stderr is passed on when the export succeeds and dropped when it fails (torch.export
+    prints whole partial graphs then): a failure becomes one ModelError line, ``-v`` shows its chain."""
+    names = ["torch", "onnxscript", "onnx_ir"] + [n for n in logging.root.manager.loggerDict if n.startswith(("torch", "onnxscript", "onnx_ir"))]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    old = [lg.level for lg in loggers]
+    err = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)
+    if err.getvalue():  # reached only when the export succeeded
+        sys.stderr.write(err.getvalue())
+
+
+def _module_of_op(model: nn.Module, x: torch.Tensor, op: str) -> str | None:
+    """Which module calls ``op``: torch.export the model again and read the graph's module stack."""
+    want = _op_base(op)
+    try:
+        with _quiet():
+            ep = torch.export.export(model, (x,), strict=False)
+            programs = [ep]
+            for prog in programs + [None]:
+                if prog is None:
+                    prog = ep.run_decompositions()
+                for n in prog.graph.nodes:
+                    name = getattr(n.target, "name", None)
+                    if n.op == "call_function" and callable(name) and _op_base(name()) == want:
+                        stack = n.meta.get("nn_module_stack") or {}
+                        if stack:
+                            path = list(stack.values())[-1][0]
+                            return _describe(model, path)
+                        return _describe(model, "")
+    except Exception:  # best effort: the op alone is still named
+        return None
+    return None
+
+
+def _module_in_traceback(model: nn.Module, err: BaseException) -> str | None:
+    """The innermost module of ``model`` whose forward is on the failing stack."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for e in _chain(err):
+        tb = e.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in names:
+                found = names[id(owner)]
+            tb = tb.tb_next
+    return _describe(model, found) if found is not None else None
+
+
+def _first_line(err: BaseException) -> str:
+    """The most specific one-line reason: the innermost error's first non-empty line."""
+    for e in reversed(_chain(err)):
+        text = _ANSI.sub("", str(e)).strip()
+        if text:
+            return " ".join(text.splitlines()[0].split())[:300]
+    return type(err).__name__
+
+
+def export_error(model: nn.Module, x: torch.Tensor, err: BaseException) -> ModelError:
+    """A one-line ModelError naming the failing op and module where they can be found."""
+    op = _unsupported_op(err)
+    where = _module_of_op(model, x, op) if op else None
+    where = where or _module_in_traceback(model, err)
+    parts = ["ONNX export failed"]
+    if op:
+        parts.append(f"at op {op}")
+    if where:
+        parts.append(f"in module {where}")
+    hint = ("replace the unsupported op in that module (or move it out of forward), or try another opset in the target profile"
+            if op else "make the module traceable by torch.export (no data-dependent Python control flow), then build again")
+    return ModelError(" ".join(parts) + f": {_first_line(err)}", hint=hint)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, batch) -> dict:
@@ -42,25 +159,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
     if batch == "dynamic":
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     t0 = time.perf_counter()
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-    old = [lg.level for lg in loggers]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
+        with _quiet():
             torch.onnx.export(model, (x,), str(path), dynamo=True, **kwargs)
     except Exception as e:
-        op = _unsupported_op(e)
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"ONNX export failed{' at op ' + op if op else ''}: {first}",
-            hint="replace the unsupported op in the model, or try another opset in the target profile",
-        ) from e
-    finally:
-        for lg, lv in zip(loggers, old):
-            lg.setLevel(lv)
+        raise export_error(model, x, e) from e
     seconds = time.perf_counter() - t0
     import onnx
 
