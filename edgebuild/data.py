@@ -41,8 +41,12 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
     path = Path(path)
+    _check_regular(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below with a clear error
+            img = Image.open(path)
+        with img:
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise DataError(
                     f"{path}: image is {img.size[0]}x{img.size[1]} pixels, over the limit of {MAX_PIXELS}",
@@ -54,7 +58,16 @@ def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read", hint="remove the file or replace it with a valid image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        claimed = f"{int(m.group(1))} pixels" if m else "too many pixels"
+        raise DataError(
+            f"{path}: refused: the image claims {claimed}, over the limit of {MAX_PIXELS} (a decompression bomb?)",
+            hint="downscale the image before adding it to the dataset, or remove it",
+        ) from None
+    except (OSError, SyntaxError, ValueError, MemoryError, EOFError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({e})", hint="remove the file or re-export it") from None
 
 
@@ -82,6 +95,27 @@ def _check_label(name: str, root: Path) -> None:
         raise DataError(f"{root}: class folder name {name!r} has leading or trailing spaces", hint="rename the folder")
 
 
+def _check_regular(p: Path) -> None:
+    """Refuse what cannot be read as an image file: broken links, link loops, fifos, devices.
+
+    (A fifo would block the build forever; a broken link is a file that is not there.)"""
+    import errno
+    import stat
+
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{p}: symbolic link loop", hint="remove the symbolic link or point it at an image") from None
+        if os.path.islink(p):
+            raise DataError(f"{p}: broken symbolic link (points to {os.readlink(p)!r}, which does not exist)",
+                            hint="remove the link or restore the file it points to") from None
+        raise DataError(f"{p}: cannot read ({e.strerror})", hint="check the file and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device or special file"
+        raise DataError(f"{p}: not a regular file (a {kind})", hint="class folders may hold image files only; remove it")
+
+
 def scan_folder(root: Path, what: str) -> ImageFolder:
     root = Path(root)
     if not root.exists():
@@ -102,16 +136,20 @@ def scan_folder(root: Path, what: str) -> ImageFolder:
         cdir = root / cls
         found = []
         seen_dirs = set()
-        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
+        def walk_error(e: OSError) -> None:
+            raise DataError(f"{e.filename}: cannot list folder ({e.strerror})", hint="check the folder and its permissions")
+
+        for dirpath, dirnames, filenames in os.walk(cdir, onerror=walk_error, followlinks=True):
             real = os.path.realpath(dirpath)
             if real in seen_dirs:
-                raise DataError(f"{dirpath}: symlink loop", hint="remove the symbolic link that points back into the dataset")
+                raise DataError(f"{dirpath}: symlink loop (this folder is reached twice)", hint="remove the symbolic link that points back into the dataset")
             seen_dirs.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in sorted(filenames):
                 if fn.startswith("."):
                     continue
                 p = Path(dirpath) / fn
+                _check_regular(p)
                 if p.suffix.lower() not in IMAGE_EXTENSIONS:
                     raise DataError(
                         f"{p}: not an image file (extension '{p.suffix}')",
