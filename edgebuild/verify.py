@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .errors import BundleError
 
 SCHEMAS = ("edgebuild.bundle/1",)
 MAX_MEMBER_BYTES = 4 << 30
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
 
 
 def _check_manifest(manifest: dict, where: str) -> None:
@@ -40,13 +48,32 @@ def _compare(expected: dict[str, str], actual: dict[str, str], where: str) -> No
     if missing or extra or altered:
         parts = []
         if altered:
-            parts.append("altered: " + ", ".join(altered))
+            parts.append("altered: " + _names(altered))
         if missing:
-            parts.append("missing: " + ", ".join(missing))
+            parts.append("missing: " + _names(missing))
         if extra:
-            parts.append("not in manifest: " + ", ".join(extra))
+            parts.append("not in manifest: " + _names(extra))
         raise BundleError(f"{where}: does not match its manifest ({'; '.join(parts)})",
                           hint="the bundle was changed after it was built; do not deploy it, get a fresh copy")
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) if not n.isprintable() else n for n in names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _regular_file(p: Path, where: str, what: str) -> None:
+    """Refuse links and special files before opening them (a fifo would block forever)."""
+    import stat
+
+    try:
+        st = os.lstat(p)
+    except OSError as e:
+        raise BundleError(f"{where}: cannot read {what} ({e.strerror})", hint="check the path and its permissions") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BundleError(f"{where}: {what} is a symbolic link", hint="bundles contain plain files only")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{where}: {what} is not a regular file", hint="bundles contain plain files only")
 
 
 def _sha(data_iter) -> str:
@@ -58,21 +85,40 @@ def _sha(data_iter) -> str:
 
 def _verify_dir(path: Path) -> dict:
     mf = path / "manifest.json"
-    if not mf.is_file():
+    if not os.path.lexists(mf):
         raise BundleError(f"{path}: no manifest.json", hint="point at a bundle folder (dist/NAME-TARGET) or its .tar.gz")
+    _regular_file(mf, str(path), "manifest.json")
     try:
+        if mf.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mf}: {mf.stat().st_size} bytes, too large for a manifest", hint="the bundle is damaged or not an edgebuild bundle")
         manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf}: not valid JSON ({e})", hint="the bundle is damaged; rebuild it") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{mf}: not valid JSON ({_one_line(e)})", hint="the bundle is damaged; rebuild it") from None
+    except OSError as e:
+        raise BundleError(f"{mf}: cannot read ({e.strerror})", hint="check the file and its permissions") from None
     _check_manifest(manifest, str(path))
     actual = {}
-    for p in sorted(path.rglob("*")):
+    import stat
+
+    try:
+        found = sorted(path.rglob("*"))
+    except OSError as e:
+        raise BundleError(f"{path}: cannot list the bundle ({e.strerror})", hint="check the folder and its permissions") from None
+    for p in found:
         rel = p.relative_to(path).as_posix()
-        if p.is_symlink():
-            raise BundleError(f"{path}: contains a symbolic link: {rel}", hint="bundles contain plain files only")
-        if p.is_file() and rel != "manifest.json":
-            with open(p, "rb") as f:
-                actual[rel] = _sha(iter(lambda: f.read(1 << 20), b""))
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                raise BundleError(f"{path}: contains a symbolic link: {rel}", hint="bundles contain plain files only")
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{path}: contains a fifo, device or other special file: {rel}", hint="bundles contain plain files only")
+            if rel != "manifest.json":
+                with open(p, "rb") as f:
+                    actual[rel] = _sha(iter(lambda: f.read(1 << 20), b""))
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read {rel} ({e.strerror})", hint="check the file and its permissions") from None
     _compare(manifest["files"], actual, str(path))
     return {"schema": manifest["schema"], "files": len(actual), "manifest": manifest}
 
@@ -82,8 +128,10 @@ def _safe_member(m: tarfile.TarInfo, where: str) -> PurePosixPath:
     p = PurePosixPath(name)
     if name.startswith("/") or p.is_absolute() or (len(name) > 1 and name[1] == ":"):
         raise BundleError(f"{where}: refused: archive entry with an absolute path: {name!r}", hint="the archive is unsafe; do not extract it")
-    if ".." in p.parts:
+    if ".." in p.parts or ".." in name.split("\\"):
         raise BundleError(f"{where}: refused: archive entry escapes its folder: {name!r}", hint="the archive is unsafe; do not extract it")
+    if "\\" in name or "\0" in name:
+        raise BundleError(f"{where}: refused: archive entry name with a backslash or NUL: {name!r}", hint="the archive is unsafe; do not extract it")
     if m.issym() or m.islnk():
         raise BundleError(f"{where}: refused: archive entry is a link: {name!r} -> {m.linkname!r}", hint="bundles contain plain files only")
     if not (m.isfile() or m.isdir()):
@@ -96,10 +144,15 @@ def _safe_member(m: tarfile.TarInfo, where: str) -> PurePosixPath:
 def _verify_archive(path: Path) -> dict:
     where = str(path)
     sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file():
-        want = sidecar.read_text(encoding="utf-8", errors="replace").split()[0:1]
-        with open(path, "rb") as f:
-            got = _sha(iter(lambda: f.read(1 << 20), b""))
+    if os.path.lexists(sidecar):
+        _regular_file(sidecar, where, sidecar.name)
+        try:
+            with open(sidecar, "rb") as f:
+                want = f.read(4096).decode("utf-8", errors="replace").split()[0:1]
+            with open(path, "rb") as f:
+                got = _sha(iter(lambda: f.read(1 << 20), b""))
+        except OSError as e:
+            raise BundleError(f"{where}: cannot read ({e.strerror})", hint="check the file and its permissions") from None
         if not want or want[0].lower() != got:
             raise BundleError(f"{where}: sha256 {got} does not match {sidecar.name}", hint="the archive was altered or truncated; download it again")
     actual: dict[str, str] = {}
@@ -124,19 +177,22 @@ def _verify_archive(path: Path) -> dict:
                 if rel in actual or (rel == "manifest.json" and manifest_bytes is not None):
                     raise BundleError(f"{where}: duplicate archive entry {m.name!r}", hint="the archive is not a clean edgebuild bundle")
                 f = tar.extractfile(m)
-                data = f.read() if f else b""
                 if rel == "manifest.json":
-                    manifest_bytes = data
-                else:
-                    actual[rel] = hashlib.sha256(data).hexdigest()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise BundleError(f"{where}: not a readable .tar.gz ({e})", hint="the archive is damaged or truncated; download it again") from None
+                    if m.size > MAX_MANIFEST_BYTES:
+                        raise BundleError(f"{where}: manifest.json is {m.size} bytes, too large for a manifest", hint="this is not an edgebuild bundle")
+                    manifest_bytes = f.read() if f else b""
+                else:  # streamed: a huge member is hashed, never held in memory
+                    actual[rel] = _sha(iter(lambda: f.read(1 << 20), b"")) if f else hashlib.sha256(b"").hexdigest()
+    except BundleError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+        raise BundleError(f"{where}: not a readable bundle archive ({_one_line(e)})", hint="the archive is damaged or truncated; download it again") from None
     if manifest_bytes is None:
         raise BundleError(f"{where}: no manifest.json in the archive", hint="this is not an edgebuild bundle")
     try:
         manifest = json.loads(manifest_bytes.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{where}: manifest.json is not valid JSON ({e})", hint="the bundle is damaged; rebuild it") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{where}: manifest.json is not valid JSON ({_one_line(e)})", hint="the bundle is damaged; rebuild it") from None
     _check_manifest(manifest, where)
     _compare(manifest["files"], actual, where)
     return {"schema": manifest["schema"], "files": len(actual), "manifest": manifest}
@@ -148,6 +204,8 @@ def verify_bundle(path: Path) -> dict:
         raise BundleError(f"bundle not found: {path}", hint="give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz")
     if path.is_dir():
         return _verify_dir(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: not a regular file or folder", hint="give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz")
     return _verify_archive(path)
 
 
@@ -162,22 +220,34 @@ def validate_bundle(path: Path) -> dict:
         if not folder.is_dir():
             folder = Path(tmp) / "bundle"
             folder.mkdir()
-            with tarfile.open(path, mode="r|*") as tar:  # verified above: plain files in one folder
-                for m in tar:
-                    parts = PurePosixPath(m.name).parts[1:]
-                    if not parts or m.isdir():
-                        continue
-                    dst = folder.joinpath(*parts)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    f = tar.extractfile(m)
-                    dst.write_bytes(f.read() if f else b"")
+            try:
+                with tarfile.open(path, mode="r|*") as tar:  # verified above: plain files in one folder
+                    for m in tar:
+                        parts = [q for q in _safe_member(m, str(path)).parts if q not in (".", "")][1:]
+                        if not parts or m.isdir():
+                            continue
+                        dst = folder.joinpath(*parts)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        f = tar.extractfile(m)
+                        with open(dst, "wb") as out_f:
+                            for chunk in iter(lambda: f.read(1 << 20), b""):
+                                out_f.write(chunk)
+            except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+                raise BundleError(f"{path}: not a readable bundle archive ({_one_line(e)})", hint="the archive is damaged or truncated; download it again") from None
+            manifest = _verify_dir(folder)["manifest"]  # what runs is exactly what was verified
         proc = subprocess.run([sys.executable, str(folder / "infer.py"), "--selftest"], capture_output=True, text=True, timeout=600)
         out = {"selftest": "passed" if proc.returncode == 0 else "FAILED", "selftest_output": (proc.stdout + proc.stderr).strip()}
         from .config import TargetProfile
         from .profiles import unavailable_reason
         from .runtimes import open_runner
 
-        prof = TargetProfile.model_validate(manifest["target"])
+        from pydantic import ValidationError
+
+        try:
+            prof = TargetProfile.model_validate(manifest.get("target"))
+        except ValidationError as e:
+            raise BundleError(f"{path}: manifest 'target' is not a valid target profile ({_one_line(e)})",
+                              hint="the bundle is damaged or from another edgebuild version") from None
         reason = unavailable_reason(prof)
         if reason:
             out["benchmark"] = None
@@ -185,5 +255,6 @@ def validate_bundle(path: Path) -> dict:
         elif proc.returncode == 0:
             x = np.load(folder / "selftest.npz")["inputs"][:1]
             out["benchmark"] = open_runner(prof, folder).benchmark(x)
-        out["build_p50_ms"] = manifest.get("metrics", {}).get("latency_p50_ms")
+        metrics = manifest.get("metrics")
+        out["build_p50_ms"] = metrics.get("latency_p50_ms") if isinstance(metrics, dict) else None
     return out
