@@ -34,7 +34,8 @@ from torch import nn
 from ..config import BuildConfig, PruneConfig
 from ..errors import ConfigError, ModelError, did_you_mean
 from ..metrics import count_macs, count_params
-from ..training import fit, predict, seed_everything
+from .. import distributed
+from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
 VERSION = 2
@@ -356,10 +357,12 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     seed_everything(cfg.seed)
     distill = dc is not None and dc.alpha > 0
     r = fit(student, student.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=pc.recover_epochs, lr=lr,
-            batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, progress=progress,
+            batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, progress=progress, device=pick_device(tc.device),
             label="prune recovery" + (" (distilling from the unpruned model)" if distill else " (cross-entropy)"),
             teacher=teacher if distill else None,
             temperature=dc.temperature if dc else 4.0, alpha=dc.alpha if dc else 0.0)
+    if not distributed.is_main():
+        return {}  # under torchrun this rank only joined the recovery training; rank 0 measures and saves
     student = student.cpu().eval()
     val_logits = predict(student, data.Xval)
     recovered = model_figures(student, example, data.Xval, data.yval, val_logits)

@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import backbones
+from .. import backbones, distributed
 from ..config import BuildConfig
 from ..errors import ModelError
 from ..metrics import count_macs, count_params
-from ..training import fit, pick_device, predict, seed_everything
+from ..training import fit, pick_device, predict, predict_sharded, seed_everything
 
 NAME = "transfer"
-VERSION = 2
+VERSION = 3  # 3: world size, backend and precision of training in meta; autocast on CUDA
 
 
 def example_input(cfg: BuildConfig) -> torch.Tensor:
@@ -54,6 +54,7 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
                 m.reset_parameters()
     history: list[dict] = []
     epoch_seconds: list[float] = []
+    fits = []
     t0 = time.perf_counter()
     common = dict(batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, device=device, progress=progress)
     if tc.mode == "features":
@@ -61,8 +62,9 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
         for p in fmodel.parameters():
             p.requires_grad_(False)
         tf = time.perf_counter()
-        Ftr = predict(fmodel, data.Xtrain, device=device)
-        Fva = predict(fmodel, data.Xval, device=device)
+        # under torchrun each rank computes a shard of the features; all_gather joins them
+        Ftr = predict_sharded(fmodel, data.Xtrain, device=device)
+        Fva = predict_sharded(fmodel, data.Xval, device=device)
         feature_seconds = time.perf_counter() - tf
         check = predict(model, data.Xval[:4], device=device)
         head_out = predict(head_mod, Fva[:4], device=device)
@@ -73,6 +75,7 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
             )
         r = fit(head_mod, head_mod.parameters(), Ftr, data.ytrain, Fva, data.yval, epochs=tc.epochs, lr=tc.lr, label="transfer (features: head on cached features)", **common)
         history, epoch_seconds = r.history, r.epoch_seconds
+        fits.append(r)
     else:
         feature_seconds = 0.0
         if tc.mode == "finetune" and tc.warmup_epochs:
@@ -82,16 +85,20 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
             r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.warmup_epochs, lr=tc.lr, label="transfer (head warm-up)", **common)
             history += [dict(h, phase="warmup") for h in r.history]
             epoch_seconds += r.epoch_seconds
+            fits.append(r)
             for p in model.parameters():
                 p.requires_grad_(True)
         r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.epochs, lr=tc.lr, label=f"transfer ({tc.mode})", **common)
         history += r.history
         epoch_seconds += r.epoch_seconds
+        fits.append(r)
     model = model.cpu().eval()
     from .prune import torch_latency
 
-    with torch.inference_mode():
-        host_latency = torch_latency(model, example=example_input(cfg))[0]
+    host_latency = None
+    if distributed.is_main():  # the other ranks only trained along; their latency would disturb rank 0's
+        with torch.inference_mode():
+            host_latency = torch_latency(model, example=example_input(cfg))[0]
     val_logits = predict(model, data.Xval)
     val_acc = float((val_logits.argmax(1) == data.yval).mean())
     save_model(model, out)
@@ -102,6 +109,10 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
         "features": feats,
         "classes": list(data.classes),
         "device": str(device),
+        # where training ran: processes (torchrun world size), their collectives' backend, precision
+        "world_size": distributed.world_size(),
+        "backend": distributed.backend_for(device),
+        "precision": fits[-1].precision if fits else "fp32",
         "val_accuracy": val_acc,
         "params": count_params(model),
         "macs": count_macs(model, example_input(cfg)),
