@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed
 from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, TargetProfile
 from .data import (
@@ -243,10 +243,16 @@ class Build:
         return "changed: " + ", ".join(changed) if changed else "changed"
 
     # ------------------------------------------------------------------ stage execution
-    def _stage(self, step: Step, build: Callable[[Path], Any]) -> Path:
+    def _stage(self, step: Step, build: Callable[[Path], Any], shared: bool = False) -> Path:
+        if shared and distributed.training():  # a training stage every rank of torchrun takes part in
+            return distributed.run_shared(step.cached, lambda: self.cache.get(step.stage, step.key),
+                                          lambda: self._build_stage(step, build), build)
         hit = self.cache.get(step.stage, step.key)
         if hit is not None:
             return hit
+        return self._build_stage(step, build)
+
+    def _build_stage(self, step: Step, build: Callable[[Path], Any]) -> Path:
         label = f"{step.stage}" + (f" [{step.target}]" if step.target else "") + (f" [align {step.params['align']}]" if step.stage == "prune" else "")
         self.progress.log(f"running {label}")
         t0 = time.perf_counter()
@@ -264,14 +270,19 @@ class Build:
     def run(self) -> BuildResult:
         cfg = self.cfg
         t_build = time.perf_counter()
+        if not distributed.is_main():  # under torchrun only rank 0 reads and writes the cache
+            self.cache = Cache(self.cache.root, enabled=False)
         steps = self.plan()
+        distributed.sync_cached(steps)  # rank 0's cache decisions hold on every rank
+        if all(s.cached for s in steps if not s.target) and distributed.end_of_training():
+            return None  # a worker with nothing to train: the CLI waits for rank 0's exit status
         self._print_plan(steps)
         data = self.data()
         by = {(s.stage, s.target): s for s in steps}
         example = transfer_stage.example_input(cfg)
 
         tstep = by[("transfer", "")]
-        tdir = self._stage(tstep, lambda out: transfer_stage.run(cfg, data, out, self.progress))
+        tdir = self._stage(tstep, lambda out: transfer_stage.run(cfg, data, out, self.progress), shared=True)
         tmeta = json.loads((tdir / "meta.json").read_text())
         ref_logits = np.load(tdir / "val_logits.npy")
         fp32_acc = float(tmeta["val_accuracy"])
@@ -282,9 +293,13 @@ class Build:
         for pstep in (s for s in steps if s.stage == "prune"):
             def do_prune(out, pstep=pstep):
                 prune_stage.run(cfg, data, self._torch_model(tstep, tdir), tmeta, pstep.params["align"], out, self.progress, example)
-            pdir = self._stage(pstep, do_prune)
+            pdir = self._stage(pstep, do_prune, shared=True)
+            if not distributed.is_main():
+                continue
             pmeta = json.loads((pdir / "meta.json").read_text())
             models[pstep.key] = {"step": pstep, "dir": pdir, "meta": pmeta, "ref_logits": np.load(pdir / "val_logits.npy")}
+        if distributed.end_of_training():
+            return None  # a worker: training is over; the CLI waits for rank 0's exit status
         # the transfer model's latency is measured beside the pruned one's where there is one
         tlat = next((m["meta"].get("host_latency_before") for k, m in models.items() if k != tstep.key), None)
         stage_rows = [self._stage_row("transfer", "", tstep, tdir, tmeta, example, tlat)]
