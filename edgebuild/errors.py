@@ -11,12 +11,25 @@ import difflib
 from typing import Iterable, Sequence
 
 
+def one_line(text: object) -> str:
+    """``text`` as one printable line: control characters (newlines included), line and paragraph
+    separators and lone surrogates (undecodable file names) are written as escapes, so a hostile
+    name can neither break the ``error:``/``hint:`` format nor crash printing it."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class EdgebuildError(Exception):
-    """Base of all expected errors. ``exit_code`` is what the CLI exits with."""
+    """Base of all expected errors. ``exit_code`` is what the CLI exits with. Message and hint
+    are kept to one printable line each (see :func:`one_line`)."""
 
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        message = one_line(message)
+        hint = one_line(hint) if hint is not None else None
         super().__init__(message)
         self.message = message
         self.hint = hint
