@@ -99,6 +99,23 @@ def strip_timings(obj):
     return obj
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def git_dirty(path: Path) -> bool | None:
     """True when the build folder's git checkout has uncommitted changes (None: not a checkout)."""
     try:
@@ -575,17 +592,44 @@ class Build:
         ]
 
     def _commit(self, staging: Path, staged: list[str]) -> list[Path]:
-        """Move finished bundles into dist/ one by one: new folder in, old one out."""
+        """Move finished bundles into dist/ one by one: new folder in, old one out. Ctrl-C and
+        SIGTERM wait until the moves are done (kill -9 cannot be held off: each bundle folder
+        and file is still replaced whole, by rename)."""
+        import signal
+
+        for name in staged:
+            bundle_stage.make_archive(staging / name, staging / f"{name}.tar.gz", name)
+        import threading
+
+        caught: list[int] = []
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+        try:
+            moved = self._move_into_place(staging, staged)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if caught:  # honoured now that every bundle is whole
+            raise KeyboardInterrupt
+        return moved
+
+    def _move_into_place(self, staging: Path, staged: list[str]) -> list[Path]:
         out = []
         for name in staged:
             src, dst = staging / name, self.out / name
             archive = staging / f"{name}.tar.gz"
-            bundle_stage.make_archive(src, archive, name)
             old = None
             if dst.exists():
-                old = staging / f".old-{name}"
-                os.replace(dst, old)
-            os.replace(src, dst)
+                if exchange(src, dst):  # atomic: dst is the new bundle, src holds the old one
+                    old = src
+                else:
+                    old = staging / f".old-{name}"
+                    os.replace(dst, old)
+                    os.replace(src, dst)
+            else:
+                os.replace(src, dst)
             os.replace(archive, self.out / archive.name)
             os.replace(staging / f"{archive.name}.sha256", self.out / f"{archive.name}.sha256")
             if old:

@@ -244,7 +244,7 @@ def hostile_build(tmp_path_factory):
     cfg = make_hostile_project(root / "project")
     env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(root / "cache"))
     outs = []
-    for out, extra in ((root / "dist1", ["--force", "--reproducible"]), (root / "dist2", []), (root / "dist3", ["--force", "--reproducible"])):
+    for out, extra in ((root / "dist1", ["--force", "--reproducible"]), (root / "dist2", ["--reproducible"]), (root / "dist3", ["--force", "--reproducible"])):
         r = edgebuild("build", cfg, "-o", out, *extra, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         outs.append(out)
