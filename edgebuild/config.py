@@ -7,14 +7,30 @@ Relative paths in the build file resolve against the build file's folder.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, closest, did_you_mean
+
+
+def _number(v: Any) -> Any:
+    """YAML reads yes/no/on/off/true/false as booleans, and pydantic would take them as 1/0;
+    a number field refuses them (never rewrite a user's setting silently), and non-finite values."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()} (YAML reads yes/no/on/off as booleans)")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
 
 
 class _Strict(BaseModel):
@@ -49,11 +65,11 @@ class DataConfig(_Strict):
 
 
 class PreprocessConfig(_Strict):
-    input_size: tuple[int, int] = Field(description="height, width")
+    input_size: tuple[Int, Int] = Field(description="height, width")
     color: Literal["rgb", "bgr", "grayscale"] = "rgb"
     resize: Literal["stretch", "letterbox", "center-crop"] = "stretch"
-    mean: list[float] = Field(default_factory=lambda: [0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0])
+    mean: list[Float] = Field(default_factory=lambda: [0.0])
+    std: list[Float] = Field(default_factory=lambda: [1.0])
 
     @field_validator("input_size")
     @classmethod
@@ -84,30 +100,30 @@ class PreprocessConfig(_Strict):
 
 class TransferConfig(_Strict):
     mode: Literal["finetune", "features", "scratch"] = "finetune"
-    epochs: int = Field(10, ge=0, le=10000)
-    warmup_epochs: int = Field(0, ge=0, le=10000, description="head-only epochs before fine-tuning all weights")
-    batch_size: int = Field(64, ge=1, le=65536)
-    lr: float = Field(0.01, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    epochs: Int = Field(10, ge=0, le=10000)
+    warmup_epochs: Int = Field(0, ge=0, le=10000, description="head-only epochs before fine-tuning all weights")
+    batch_size: Int = Field(64, ge=1, le=65536)
+    lr: Float = Field(0.01, gt=0, le=10)
+    weight_decay: Float = Field(0.0, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class PruneConfig(_Strict):
-    ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    ratio: Float = Field(0.0, ge=0.0, lt=1.0)
     importance: Literal["l1", "l2", "taylor"] = "l2"
     scope: Literal["global", "uniform"] = "uniform"
     keep: list[str] = Field(default_factory=list, description="module names never pruned (the new head always is)")
-    recover_epochs: int = Field(0, ge=0, le=10000)
-    lr: Optional[float] = Field(None, gt=0, le=10)
+    recover_epochs: Int = Field(0, ge=0, le=10000)
+    lr: Optional[Float] = Field(None, gt=0, le=10)
 
 
 class DistillConfig(_Strict):
-    temperature: float = Field(4.0, gt=0, le=100)
-    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: Float = Field(4.0, gt=0, le=100)
+    alpha: Float = Field(0.5, ge=0, le=1)
 
 
 class QuantizeConfig(_Strict):
-    calibration_samples: int = Field(300, ge=1, le=100000)
+    calibration_samples: Int = Field(300, ge=1, le=100000)
 
 
 class CompressConfig(_Strict):
@@ -117,16 +133,16 @@ class CompressConfig(_Strict):
 
 
 class Budgets(_Strict):
-    max_latency_ms: Optional[float] = Field(None, gt=0, description="p90 latency on the target runtime")
-    max_size_mb: Optional[float] = Field(None, gt=0)
-    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)
-    min_agreement: Optional[float] = Field(None, ge=0, le=1, description="top-1 agreement with the reference")
+    max_latency_ms: Optional[Float] = Field(None, gt=0, description="p90 latency on the target runtime")
+    max_size_mb: Optional[Float] = Field(None, gt=0)
+    max_accuracy_drop: Optional[Float] = Field(None, ge=0, le=1)
+    min_agreement: Optional[Float] = Field(None, ge=0, le=1, description="top-1 agreement with the reference")
 
 
 class BuildConfig(_Strict):
     name: str = Field(min_length=1, max_length=100)
     version: str = "0.1.0"
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: Int = Field(0, ge=0, le=2**32 - 1)
     backbone: BackboneConfig
     data: DataConfig
     preprocess: PreprocessConfig
@@ -180,10 +196,10 @@ class TargetProfile(_Strict):
     arch: Literal["x86_64", "aarch64", "armv7l", "any"] = "x86_64"
     format: Literal["onnx", "openvino"] = "onnx"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    opset: int = Field(18, ge=7, le=30)
-    batch: Union[int, Literal["dynamic"]] = 1
-    threads: int = Field(0, ge=0, le=1024, description="0 = runtime default")
-    align: int = Field(8, ge=1, le=256, description="pruned channel counts are rounded to multiples of this")
+    opset: Int = Field(18, ge=7, le=30)
+    batch: Union[Int, Literal["dynamic"]] = 1
+    threads: Int = Field(0, ge=0, le=1024, description="0 = runtime default")
+    align: Int = Field(8, ge=1, le=256, description="pruned channel counts are rounded to multiples of this")
     quantization: QuantizationScheme = Field(default_factory=QuantizationScheme)
     fallback: Literal["fp16", "fp32", "fail"] = "fail"
     budgets: Budgets = Field(default_factory=Budgets)
@@ -224,11 +240,22 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({e.strerror})", hint="check the file's permissions") from None
     try:
         data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        # !!python/object and other tags: safe_load never builds them; say so plainly
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        tag = re.search(r"tag '([^']*)'", str(e))
+        raise ConfigError(
+            f"{path}:{where} refused: YAML tag {tag.group(1) if tag else '(unknown)'!r} is not allowed",
+            hint=f"a {what} is plain YAML (mappings, lists, strings, numbers); remove the '!' tag",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}", hint="fix the YAML syntax at that line") from None
+        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}", hint="fix the YAML syntax at that line") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to read", hint=f"a {what} is a shallow mapping; see the README") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty", hint=f"a {what} is a YAML mapping; see the README for an example")
     if not isinstance(data, dict):
@@ -268,13 +295,24 @@ def _unwrap_model(ann: Any) -> Any:
     return None
 
 
+_UNION_TAG = re.compile(r"^(function-(before|after|wrap|plain)\[.*\]|literal\[.*\]|int|float|str|bool|[a-z]+\[.*\])$")
+MAX_PROBLEMS = 6
+
+
+def _clean_loc(loc: tuple, kind: str) -> tuple:
+    """The field path without pydantic's union-member tags ('batch.literal['dynamic']' -> 'batch')."""
+    keep = [p for i, p in enumerate(loc) if not (isinstance(p, str) and _UNION_TAG.match(p) and not (kind == "extra_forbidden" and i == len(loc) - 1))]
+    return tuple(keep)
+
+
 def format_validation_error(err: ValidationError, path: Path, model: type[BaseModel]) -> ConfigError:
-    lines = []
+    lines: list[str] = []
+    by_field: dict[str, int] = {}  # a union's alternatives on one field become one problem
     hint = None
     for e in err.errors():
-        loc = tuple(e.get("loc", ()))
-        field = ".".join(str(p) for p in loc) or "(top level)"
         kind = e.get("type", "")
+        loc = _clean_loc(tuple(e.get("loc", ())), kind)
+        field = ".".join(str(p) for p in loc) or "(top level)"
         value = e.get("input")
         if kind == "extra_forbidden":
             allowed = _model_fields(model, loc) or []
@@ -285,7 +323,7 @@ def format_validation_error(err: ValidationError, path: Path, model: type[BaseMo
                 msg += f" (did you mean '{best}'?)"
             msg += f"; allowed keys here: {', '.join(allowed)}"
             lines.append(msg)
-            hint = hint or (f"rename '{key}' to '{best}'" if best else "remove the key")
+            hint = hint or (f"rename '{key}' to '{best}'" if best else f"remove the key '{key}'")
             continue
         if kind == "missing":
             lines.append(f"'{field}' is required")
@@ -299,12 +337,20 @@ def format_validation_error(err: ValidationError, path: Path, model: type[BaseMo
             msg = f"must be one of {', '.join(allowed)}" + (f" (did you mean '{best}'?)" if best else "")
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if field in by_field:
+            lines[by_field[field]] += f", or {msg}"
+            continue
         shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
         if len(shown) > 80:
             shown = shown[:77] + "..."
+        by_field[field] = len(lines)
         lines.append(f"'{field}' = {shown}: {msg}")
-    head = f"{path}: " + lines[0] if len(lines) == 1 else f"{path}: {len(lines)} problems: " + "; ".join(lines)
-    return ConfigError(head, hint=hint or "fix the value; see the README for the build-file reference")
+        hint = hint or f"fix '{field}'; see the README for the allowed values"
+    total = len(lines)
+    if total > MAX_PROBLEMS:
+        lines = lines[:MAX_PROBLEMS] + [f"(+{total - MAX_PROBLEMS} more)"]
+    head = f"{path}: " + lines[0] if total == 1 else f"{path}: {total} problems: " + "; ".join(lines)
+    return ConfigError(head, hint=hint or "fix the file; see the README for the build-file reference")
 
 
 def load_build_config(path: str | os.PathLike) -> BuildConfig:
