@@ -34,6 +34,11 @@ def _fail(err: EdgebuildError, verbose: bool) -> int:
     return err.exit_code
 
 
+import errno as _errno
+
+_USER_ERRNOS = {_errno.EACCES, _errno.EPERM, _errno.ENOTDIR, _errno.EISDIR, _errno.ENOSPC, _errno.EROFS, _errno.EDQUOT, _errno.ENAMETOOLONG}
+
+
 class Group(click.Group):
     def invoke(self, ctx):
         verbose = bool(ctx.params.get("verbose")) or os.environ.get("EDGEBUILD_VERBOSE") == "1"
@@ -41,6 +46,17 @@ class Group(click.Group):
             return super().invoke(ctx)
         except EdgebuildError as e:
             ctx.exit(_fail(e, verbose))
+        except OSError as e:
+            # the host refused a path the user gave (output under a file, read-only or full disk):
+            # bad input, not a bug; anything else stays exit 1 with its traceback
+            if e.errno not in _USER_ERRNOS:
+                raise
+            from .errors import EdgebuildError as _E
+
+            where = f"{e.filename}: " if e.filename else ""
+            err = _E(f"{where}{e.strerror or e}", hint="check the path (is a parent a file?), its permissions and the free disk space; -v shows where it happened")
+            err.__traceback__ = e.__traceback__
+            ctx.exit(_fail(err, verbose))
         except KeyboardInterrupt:
             click.echo("interrupted: the cache and the previous dist/ are intact", err=True)
             ctx.exit(130)
@@ -290,7 +306,13 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:
-        e.show()
+        # usage errors keep the one contract of bad input: error: + hint:, exit 2
+        from .errors import one_line
+
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "edgebuild"
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
+        click.echo(f"hint: see '{where} --help'", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted: the cache and the previous dist/ are intact", err=True)
