@@ -149,7 +149,11 @@ def factory(source: str, root: Path) -> Callable[[], nn.Module]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
+        if path.is_symlink():
+            raise WeightsError(f"weights file is a broken symbolic link: {path}", hint="restore the file it points to or fix 'backbone.weights'")
         raise WeightsError(f"weights file not found: {path}", hint="fix 'backbone.weights' (relative paths resolve against the build file)")
+    if not path.is_file():  # a folder, or a fifo that would block the build forever
+        raise WeightsError(f"weights path is not a regular file: {path}", hint="point 'backbone.weights' at a .safetensors or state-dict .pt file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -160,16 +164,31 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a valid safetensors file ({e})", hint="the file may be truncated; download or export it again") from None
     if suffix in (".pt", ".pth", ".bin"):
+        import warnings
+
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # protocol notes from the safe unpickler
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0]
+            import re
+
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            operand = re.search(r"Unsupported operand (\d+)", text)
+            if found:
+                why = f"it would load {found.group(1)}, not only tensors"
+            elif operand:
+                why = f"pickle opcode {int(operand.group(1))} is not allowed in weights (code or an unknown format)"
+            else:
+                why = " ".join(text.split())[:160]
             raise WeightsError(
-                f"{path}: refused: the pickle needs more than tensors to load ({first[:160]})",
-                hint="edgebuild never unpickles arbitrary objects; save a plain state_dict or use .safetensors",
+                f"{path}: refused, not loaded: {why}",
+                hint="edgebuild never unpickles arbitrary objects; save a plain state_dict with torch.save or use .safetensors",
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: cannot read the checkpoint ({str(e).strip().splitlines()[0][:200]})", hint="the file may be truncated or not a torch checkpoint") from None
+            first = " ".join(str(e).strip().splitlines()[0].split())[:200] if str(e).strip() else type(e).__name__
+            raise WeightsError(f"{path}: cannot read the checkpoint ({first})", hint="the file may be truncated or not a torch checkpoint") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
