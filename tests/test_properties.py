@@ -14,6 +14,7 @@ The default run is short (CI). A long fuzzing run:
 
 from __future__ import annotations
 
+import atexit
 import bz2
 import contextlib
 import copy
@@ -23,6 +24,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import string
 import tarfile
 import tempfile
@@ -66,19 +68,25 @@ def snapshot(*roots: Path) -> dict:
     return out
 
 
+_BASE = Path(tempfile.mkdtemp(prefix="edgebuild-prop-"))
+atexit.register(shutil.rmtree, _BASE, True)
+
+
 @contextlib.contextmanager
 def sandbox():
-    """A fresh folder that is also the cwd; yields (folder, work) with work as cwd."""
+    """A fresh folder (always the same path, so generated data never depends on a random temp
+    name) with a work folder that is the cwd; yields (folder, work)."""
     old = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="edgebuild-prop-") as tmp:
-        root = Path(tmp)
-        work = root / "work"
-        work.mkdir()
-        os.chdir(work)
-        try:
-            yield root, work
-        finally:
-            os.chdir(old)
+    root = _BASE / "case"
+    shutil.rmtree(root, ignore_errors=True)
+    work = root / "work"
+    work.mkdir(parents=True)
+    os.chdir(work)
+    try:
+        yield root, work
+    finally:
+        os.chdir(old)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def one_line(err) -> None:
