@@ -108,7 +108,8 @@ def test_yaml_syntax_error_names_the_line(project, cli):
 
 
 @pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"- a\n- b\n", "mapping"), (b"\xff\xfe\x00", "UTF-8"),
-                                            (b"name: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply")])
+                                            (b"name: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply")],
+                         ids=["empty", "not-a-mapping", "not-utf8", "deep-nesting"])
 def test_degenerate_build_files(tmp_path, cli, content, needle):
     cfg = tmp_path / "edgebuild.yaml"
     cfg.write_bytes(content)
@@ -124,6 +125,11 @@ def test_usage_errors_use_the_same_format(cli):
     bad(cli("bild"), "No such command", "build")
     bad(cli("build", "--no-such-flag"), "no-such-flag")
     bad(cli("verify"), "Missing argument")
+
+
+def test_output_folder_under_a_file(project, cli):
+    (project / "afile").write_text("x")
+    bad(cli("build", project / "edgebuild.yaml", "-o", project / "afile" / "dist"), "afile", "Not a directory")
 
 
 def test_verbose_shows_the_traceback(project, cli):
