@@ -487,7 +487,7 @@ class Build:
             "preprocess": preprocess_args(cfg.preprocess),
             "labels": list(data.classes),
             "metrics": m,
-            "transfer": {k: tmeta[k] for k in ("mode", "head", "features", "val_accuracy", "device", "mean_epoch_seconds")},
+            "transfer": {k: tmeta.get(k) for k in ("mode", "head", "features", "val_accuracy", "device", "world_size", "backend", "precision", "mean_epoch_seconds")},
             "compression": self._compression(mmeta) if "accuracy_after_prune" in mmeta else None,
             "provenance": {
                 "config_sha256": sha256_file(cfg.path) if cfg.path else None,
