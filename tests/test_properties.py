@@ -140,6 +140,8 @@ def mutated_configs(draw):
             parent[last]
         except (KeyError, IndexError, TypeError):
             continue
+        if not isinstance(parent, (dict, list)):  # an earlier mutation turned it into a scalar
+            continue
         op = draw(st.sampled_from(["set", "delete", "rename", "add", "retype"]))
         if op == "set":
             parent[last] = draw(values)
