@@ -12,10 +12,8 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,11 +28,11 @@ from .data import (
     check_same_classes,
     fingerprint_folder,
     load_arrays,
-    preprocess_args,
     scan_folder,
     sha256_file,
 )
-from .errors import ConfigError, EdgebuildError, GateFailed
+from . import manifest as manifest_mod
+from .errors import EdgebuildError, GateFailed
 from .profiles import ProfileRegistry, unavailable_reason
 from .progress import Progress
 from .stages import bundle as bundle_stage
@@ -43,9 +41,6 @@ from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
-
-PACKAGES = ["torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torch-pruning", "numpy", "pillow", "transformers"]
-
 
 @dataclass
 class Data:
@@ -75,54 +70,6 @@ class Step:
 class BuildResult:
     report: dict
     bundles: list[Path] = field(default_factory=list)
-
-
-def git_commit(path: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-TIMING_KEYS = {"seconds", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "benchmark", "hostname", "host_latency",
-               "host_latency_before", "host_latency_after", "mean_epoch_seconds", "epoch_seconds", "feature_seconds", "created"}
-
-
-def strip_timings(obj):
-    """A copy of ``obj`` without host timings (any key in TIMING_KEYS, or ending in _seconds/_ms)."""
-    if isinstance(obj, dict):
-        return {k: strip_timings(v) for k, v in obj.items()
-                if not (k in TIMING_KEYS or k.endswith("_seconds") or k.endswith("_ms"))}
-    if isinstance(obj, list):
-        return [strip_timings(v) for v in obj]
-    return obj
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def git_dirty(path: Path) -> bool | None:
-    """True when the build folder's git checkout has uncommitted changes (None: not a checkout)."""
-    try:
-        out = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 class Build:
@@ -188,7 +135,7 @@ class Build:
         cfg = self.cfg
         data = self.data()
         steps: list[Step] = []
-        pv = {p: bundle_stage.pkg_version(p) for p in PACKAGES}
+        pv = {p: bundle_stage.pkg_version(p) for p in manifest_mod.PACKAGES}
         tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,
                    "source": cfg.backbone.source, "classifier": cfg.backbone.classifier}
         tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
@@ -304,7 +251,6 @@ class Build:
         ref_logits = np.load(tdir / "val_logits.npy")
         fp32_acc = float(tmeta["val_accuracy"])
         calib_idx = calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)
-        by_key = {s.key: s for s in steps}
         # the model each target starts from: the transferred one, or its pruned version per align
         models: dict[str, dict] = {tstep.key: {"step": tstep, "dir": tdir, "meta": tmeta, "ref_logits": ref_logits}}
         for pstep in (s for s in steps if s.stage == "prune"):
@@ -371,8 +317,9 @@ class Build:
                 bundle_name = f"{cfg.name}-{name}"
                 bdir = staging / bundle_name
                 bdir.mkdir()
-                manifest = self._manifest(prof, artifact, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective)
-                bundle_stage.write_bundle(bdir, self._bundle_ctx(prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
+                manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
+                                                         reproducible=self.reproducible)
+                bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
                 staged.append(bundle_name)
                 stage_rows.append({"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
                                    "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],
@@ -387,7 +334,7 @@ class Build:
                                         "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
             report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
             report["stages"] = stage_rows
-            report["compression"] = {f"align {m['step'].params['align']}": self._compression(m["meta"]) for k, m in models.items() if k != tstep.key} or None
+            report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for k, m in models.items() if k != tstep.key} or None
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"
@@ -398,7 +345,7 @@ class Build:
                     hint="relax the budget in the target profile or build file, or change the model/compression",
                 )
             report["status"] = "ok"
-            bundles = self._commit(staging, staged)
+            bundles = bundle_stage.publish(staging, staged, self.out)
             self._write_report(report)
             return BuildResult(report, bundles)
         finally:
@@ -423,13 +370,6 @@ class Build:
             label = s.stage + (f" [{s.target}]" if s.target else " [shared]") + (f" align {s.params['align']}" if s.stage == "prune" else "")
             self.progress.log(f"  {label:<48} {'cached' if s.cached else 'run'}{'' if s.cached else ' (' + s.reason + ')'}")
 
-    @staticmethod
-    def _compression(pmeta: dict) -> dict:
-        """The prune stage's record for reports and manifests."""
-        keys = ("ratio", "importance", "scope", "align", "kept", "recover_epochs", "recovery", "accuracy_before", "accuracy_after_prune",
-                "accuracy_recovered", "params_before", "params", "params_ratio", "macs_before", "macs", "macs_ratio", "host_latency_before", "host_latency")
-        return {"prune": {k: pmeta.get(k) for k in keys}, "distill": pmeta.get("recovery", {}).get("loss") == "distillation"}
-
     def _stage_row(self, stage: str, label: str, step: Step, entry: Path, meta: dict, example, lat: dict | None = None) -> dict:
         """What one shared stage bought: params, MACs, file size, val accuracy, host latency."""
         lat = meta.get("host_latency") if lat is None else lat
@@ -440,202 +380,6 @@ class Build:
                 "bytes": weights.stat().st_size if weights.is_file() else None, "val_accuracy": meta["val_accuracy"],
                 "host_latency_p50_ms": lat["p50_ms"], "host_latency_p90_ms": lat["p90_ms"], "latency_runtime": lat.get("runtime"),
                 "status": "measured"}
-
-    def _manifest(self, prof, artifact, metrics, tmeta, qmeta, data, calib_idx, rows, mmeta=None, effective=None) -> dict:
-        cfg = self.cfg
-        mmeta = mmeta or tmeta
-        effective = effective or prof.precision
-        files = self._model_files(prof)
-        static = prof.batch if isinstance(prof.batch, int) else "N"
-        shape_in = [static, cfg.preprocess.channels, *cfg.preprocess.input_size]
-        counts = {}
-        for i in calib_idx:
-            c = data.classes[int(data.ytrain[i])]
-            counts[c] = counts.get(c, 0) + 1
-        import hashlib
-
-        calib_hash = hashlib.sha256(np.ascontiguousarray(data.Xtrain[calib_idx]).tobytes()).hexdigest()
-        m = {k: metrics.get(k) for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms", "throughput_ips") if k in metrics}
-        m.update({
-            "status": metrics["status"],
-            "reason": metrics.get("reason"),
-            "size_bytes": metrics["size_bytes"],
-            "macs": mmeta["macs"],
-            "params": mmeta["params"],
-            "fp32_reference_accuracy": tmeta["val_accuracy"],
-            "validation": {"runtime_settings": metrics.get("settings"), "host": metrics.get("host"), "samples": metrics.get("samples"),
-                           "benchmark": metrics.get("benchmark")},
-            "gates": rows,
-        })
-        weights = cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None
-        manifest = {
-            "schema": bundle_stage.SCHEMA,
-            "name": cfg.name,
-            "version": cfg.version,
-            "target": prof.model_dump(mode="json"),
-            "model": {
-                "files": files,
-                "file": files[0],
-                "format": prof.format,
-                "precision": effective,
-                "requested_precision": prof.precision,
-                "inputs": [{"name": export_stage.INPUT_NAME, "shape": shape_in, "dtype": "float32", "layout": "NCHW"}],
-                "outputs": [{"name": export_stage.OUTPUT_NAME, "shape": [static, len(data.classes)], "dtype": "float32", "layout": "NC"}],
-                "quantization": qmeta or None,
-                "calibration": {"samples": int(len(calib_idx)), "class_counts": counts, "sha256": calib_hash, "seed": cfg.seed} if prof.precision == "int8" else None,
-            },
-            "preprocess": preprocess_args(cfg.preprocess),
-            "labels": list(data.classes),
-            "metrics": m,
-            "transfer": {k: tmeta.get(k) for k in ("mode", "head", "features", "val_accuracy", "device", "world_size", "backend", "precision", "mean_epoch_seconds")},
-            "compression": self._compression(mmeta) if "accuracy_after_prune" in mmeta else None,
-            "provenance": {
-                "config_sha256": sha256_file(cfg.path) if cfg.path else None,
-                "data_sha256": data.fingerprint,
-                "backbone_source": cfg.backbone.source,
-                "backbone_weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,
-                "seed": cfg.seed,
-                "packages": {"edgebuild": __version__, **{p: bundle_stage.pkg_version(p) for p in PACKAGES}},
-                "git_commit": git_commit(cfg.root),
-                "git_dirty": git_dirty(cfg.root),
-            },
-        }
-        if self.reproducible:
-            manifest = strip_timings(manifest)
-            for g in manifest["metrics"]["gates"]:
-                if g["budget"].startswith("max_latency") and g["measured"] is not None:
-                    g["measured"] = "omitted (see report.json)"
-            manifest["metrics"]["timings"] = "omitted: reproducible build (host timings vary run to run); see dist/report.json"
-        return manifest
-
-    def _model_files(self, prof: TargetProfile) -> list[str]:
-        return ["model.onnx"] if prof.format == "onnx" else ["model.xml", "model.bin"]
-
-    def _bundle_ctx(self, prof, artifact, manifest, data, golden, golden_out, effective=None) -> dict:
-        from .runtimes.openvino import inference_precision
-
-        effective = effective or prof.precision
-        ov_prec = "f32"
-        if prof.runtime == "openvino":
-            import openvino as ov
-
-            try:
-                ov_prec = inference_precision(ov.Core(), prof.device, effective)
-            except Exception:
-                ov_prec = "f16" if effective == "fp16" else "f32"
-        runtime_pkg = "onnxruntime" if prof.runtime == "onnxruntime" else "openvino"
-        from .profiles import ort_provider
-
-        files = manifest["model"]["files"]
-        template = {
-            "edgebuild_version": __version__,
-            "title": f"{self.cfg.name} {self.cfg.version} for {prof.name}",
-            "name": self.cfg.name,
-            "version": self.cfg.version,
-            "target": prof.name,
-            "description": prof.description,
-            "runtime": prof.runtime,
-            "runtime_package": runtime_pkg,
-            "runtime_version": bundle_stage.pkg_version(runtime_pkg),
-            "numpy_min": "1.24",
-            "pillow_min": "9.1",
-            "model_file": files[0],
-            "format": prof.format,
-            "device": prof.device,
-            "arch": prof.arch,
-            "precision": effective,
-            "requested_precision": prof.precision,
-            "threads": prof.threads,
-            "providers": [ort_provider(prof.device)],
-            "inference_precision": ov_prec,
-            "preprocess": preprocess_args(self.cfg.preprocess),
-            "labels": list(data.classes),
-            "input_name": export_stage.INPUT_NAME,
-            "output_name": export_stage.OUTPUT_NAME,
-            "input_shape": manifest["model"]["inputs"][0]["shape"],
-            "output_shape": manifest["model"]["outputs"][0]["shape"],
-            "has_cpp": prof.runtime == "openvino" and (Path(__file__).resolve().parent.parent / "templates").exists() and self._has_cpp_templates(),
-            "figures": self._figures(manifest["metrics"]),
-        }
-        return {
-            "profile": prof,
-            "artifact": artifact,
-            "model_files": files,
-            "labels": list(data.classes),
-            "template": template,
-            "golden_inputs": data.Xval[golden],
-            "golden_outputs": golden_out,
-            "golden_raw": [data.val_files[i] for i in golden],
-            "effective_precision": effective,
-            "manifest": manifest,
-        }
-
-    @staticmethod
-    def _has_cpp_templates() -> bool:
-        from .resources import templates_dir
-
-        return (templates_dir() / "cpp").is_dir()
-
-    @staticmethod
-    def _figures(m: dict) -> list[tuple[str, str]]:
-        if m["status"] != "measured":
-            return [("validation", f"not run: {m.get('reason')}"), ("size", f"{m['size_bytes']} bytes")]
-        return [
-            ("val accuracy", f"{m['accuracy']:.4f}"),
-            ("fp32 reference accuracy", f"{m['fp32_reference_accuracy']:.4f}"),
-            ("top-1 agreement with reference", f"{m['agreement']:.4f}"),
-            ("max abs diff vs reference", f"{m['max_abs_diff']:.3g}"),
-            ("latency p50 / p90", f"{m['latency_p50_ms']:.3f} / {m['latency_p90_ms']:.3f} ms" if "latency_p50_ms" in m
-             else "omitted in a reproducible build; see report.json"),
-            ("size", f"{m['size_bytes']} bytes"),
-            ("MACs / params", f"{m['macs']} / {m['params']}"),
-        ]
-
-    def _commit(self, staging: Path, staged: list[str]) -> list[Path]:
-        """Move finished bundles into dist/ one by one: new folder in, old one out. Ctrl-C and
-        SIGTERM wait until the moves are done (kill -9 cannot be held off: each bundle folder
-        and file is still replaced whole, by rename)."""
-        import signal
-
-        for name in staged:
-            bundle_stage.make_archive(staging / name, staging / f"{name}.tar.gz", name)
-        import threading
-
-        caught: list[int] = []
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
-        try:
-            moved = self._move_into_place(staging, staged)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if caught:  # honoured now that every bundle is whole
-            raise KeyboardInterrupt
-        return moved
-
-    def _move_into_place(self, staging: Path, staged: list[str]) -> list[Path]:
-        out = []
-        for name in staged:
-            src, dst = staging / name, self.out / name
-            archive = staging / f"{name}.tar.gz"
-            old = None
-            if dst.exists():
-                if exchange(src, dst):  # atomic: dst is the new bundle, src holds the old one
-                    old = src
-                else:
-                    old = staging / f".old-{name}"
-                    os.replace(dst, old)
-                    os.replace(src, dst)
-            else:
-                os.replace(src, dst)
-            os.replace(archive, self.out / archive.name)
-            os.replace(staging / f"{archive.name}.sha256", self.out / f"{archive.name}.sha256")
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-            out.append(dst)
-        return out
 
     def _report(self, steps, tmeta, targets_report, seconds) -> dict:
         return {
