@@ -141,6 +141,15 @@ def _safe_member(m: tarfile.TarInfo, where: str) -> PurePosixPath:
     return p
 
 
+def _open_stream(path: Path) -> tarfile.TarFile:
+    """The archive as a stream (never seekable, never extracted). Python's tarfile raises
+    TypeError on some truncated gzip headers (e.g. the 3 bytes 1f 8b 08, found by fuzzing)."""
+    try:
+        return tarfile.open(path, mode="r|*")
+    except TypeError:
+        raise tarfile.ReadError("truncated compression header") from None
+
+
 def _verify_archive(path: Path) -> dict:
     where = str(path)
     sidecar = path.with_name(path.name + ".sha256")
@@ -159,7 +168,7 @@ def _verify_archive(path: Path) -> dict:
     manifest_bytes = None
     root = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with _open_stream(path) as tar:
             for m in tar:
                 p = _safe_member(m, where)
                 parts = [q for q in p.parts if q not in (".", "")]
@@ -221,7 +230,7 @@ def validate_bundle(path: Path) -> dict:
             folder = Path(tmp) / "bundle"
             folder.mkdir()
             try:
-                with tarfile.open(path, mode="r|*") as tar:  # verified above: plain files in one folder
+                with _open_stream(path) as tar:  # verified above: plain files in one folder
                     for m in tar:
                         parts = [q for q in _safe_member(m, str(path)).parts if q not in (".", "")][1:]
                         if not parts or m.isdir():

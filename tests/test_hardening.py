@@ -427,7 +427,8 @@ def test_hostile_archive_entries(tmp_path, cli, kind, needle):
 
 @pytest.mark.parametrize("damage,needle", [("truncated", "not a readable"), ("garbage", "not a readable"),
                                            ("sidecar-mismatch", "does not match"), ("two-folders", "more than one top folder"),
-                                           ("backslash", "backslash"), ("unknown-schema", "unknown manifest schema")])
+                                           ("backslash", "backslash"), ("unknown-schema", "unknown manifest schema"),
+                                           ("gzip-header-only", "truncated compression header")])
 def test_bad_bundle_archive(tmp_path, cli, damage, needle):
     b = make_bundle(tmp_path / "src", schema="edgebuild.bundle/0" if damage == "unknown-schema" else "edgebuild.bundle/1")
     archive = tmp_path / "demo-t.tar.gz"
@@ -439,6 +440,9 @@ def test_bad_bundle_archive(tmp_path, cli, damage, needle):
     elif damage == "garbage":
         archive.write_bytes(os.urandom(300))
         (tmp_path / "demo-t.tar.gz.sha256").unlink(missing_ok=True)
+    elif damage == "gzip-header-only":  # found by fuzzing: Python's tarfile raised TypeError here
+        (tmp_path / "demo-t.tar.gz.sha256").unlink(missing_ok=True)
+        archive.write_bytes(b"\x1f\x8b\x08")
     elif damage == "sidecar-mismatch":
         archive.write_bytes(raw + b"\0")
     elif damage in ("two-folders", "backslash"):
