@@ -32,7 +32,7 @@ from .data import (
     sha256_file,
 )
 from . import manifest as manifest_mod
-from .errors import EdgebuildError, GateFailed
+from .errors import ConfigError, EdgebuildError, GateFailed
 from .profiles import ProfileRegistry, unavailable_reason
 from .progress import Progress
 from .stages import bundle as bundle_stage
@@ -236,6 +236,8 @@ class Build:
         t_build = time.perf_counter()
         if not distributed.is_main():  # under torchrun only rank 0 reads and writes the cache
             self.cache = Cache(self.cache.root, enabled=False)
+        else:
+            self._check_output()  # before any training, not after it
         steps = self.plan()
         distributed.sync_cached(steps)  # rank 0's cache decisions hold on every rank
         if all(s.cached for s in steps if not s.target) and distributed.end_of_training():
@@ -352,6 +354,19 @@ class Build:
             shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
+    def _check_output(self) -> None:
+        """The output folder must be a folder we can write; say so before hours of training."""
+        existing = self.out.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        problem = None
+        if not existing.is_dir():
+            problem = f"{existing} is not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable"
+        if problem:
+            raise ConfigError(f"cannot write the output folder {self.out}: {problem}", hint="pass -o with a folder you can write to")
+
     def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray) -> np.ndarray:
         """Outputs the artifact gives for the golden inputs on this host (the CPU of the same
         runtime when the target's own device is absent)."""
