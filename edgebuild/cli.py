@@ -258,7 +258,11 @@ def validate(bundle, as_json):
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"selftest: {result['selftest']}")
+        if result["selftest"] != "passed" and result.get("selftest_output"):
+            click.echo(result["selftest_output"], err=True)
         b = result.get("benchmark")
+        if not b and result.get("benchmark_reason"):
+            click.echo(f"benchmark: {result['benchmark_reason']}")
         if b:
             built = result.get("build_p50_ms")
             click.echo(f"latency p50 {b['p50_ms']:.3f} ms, p90 {b['p90_ms']:.3f} ms over {b['iterations']} runs"
