@@ -164,6 +164,9 @@ def scan_folder(root: Path, what: str) -> ImageFolder:
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
+    if len(train.classes) < 2:
+        raise DataError(f"{train.root}: only one class ({train.classes[0]!r}); a classifier needs at least two",
+                        hint="add a sub-folder of images for every class the model must tell apart")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

@@ -116,3 +116,10 @@ def test_calibration_subset_is_seeded_and_balanced():
     assert counts.tolist() == [10, 10, 10]
     with pytest.warns(UserWarning, match="fewer than"):
         calibration_indices(targets, 30, seed=3)
+
+
+def test_one_class_is_refused(tmp_path):
+    make_images(tmp_path / "t", {"only": 2})
+    make_images(tmp_path / "v", {"only": 1})
+    with pytest.raises(DataError, match="at least two"):
+        check_same_classes(scan_folder(tmp_path / "t", "train"), scan_folder(tmp_path / "v", "val"))
