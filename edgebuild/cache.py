@@ -38,11 +38,11 @@ def make_key(stage: str, version: int, params: dict, inputs: dict[str, str]) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _sha(path: Path) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -50,7 +50,7 @@ def _checksums(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != ENTRY:
-            out[p.relative_to(folder).as_posix()] = _sha(p)
+            out[p.relative_to(folder).as_posix()] = sha256_file(p)
     return out
 
 

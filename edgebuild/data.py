@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .cache import sha256_file  # noqa: F401 - re-exported: one file hash for the project
 from .config import PreprocessConfig
 from .errors import DataError
-from .preprocess import load_image as _load_image
 from .preprocess import preprocess as _preprocess
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -197,17 +197,6 @@ def fingerprint_folder(folder: ImageFolder) -> str:
         h.update(str(f.relative_to(folder.root)).encode("utf-8", "surrogateescape"))
         h.update(b"\0")
         h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
     return h.hexdigest()
 
 

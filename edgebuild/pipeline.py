@@ -64,6 +64,12 @@ class Step:
     inputs: dict
     cached: bool = False
     reason: str = ""
+    entry: Optional[Path] = None  # the cache entry the plan found (checked once, reused by _stage)
+
+
+def _step(stage, target: str, params: dict, inputs: dict) -> Step:
+    """A step of ``stage`` (a stages.* module) keyed by its name, version, params and inputs."""
+    return Step(stage.NAME, target, make_key(stage.NAME, stage.VERSION, params, inputs), params, inputs)
 
 
 @dataclass
@@ -139,7 +145,7 @@ class Build:
         tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,
                    "source": cfg.backbone.source, "classifier": cfg.backbone.classifier}
         tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
-        transfer = Step("transfer", "", make_key("transfer", transfer_stage.VERSION, tparams, tinputs), tparams, tinputs)
+        transfer = _step(transfer_stage, "", tparams, tinputs)
         steps.append(transfer)
         pc = cfg.compress.prune
         prune_steps: dict[int, Step] = {}
@@ -151,14 +157,14 @@ class Build:
                            "align": prof.align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
                            "weight_decay": cfg.transfer.weight_decay}
                 pinputs = {"model": transfer.key, "data": data.fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]}
-                prune_steps[prof.align] = Step("prune", "", make_key("prune", prune_stage.VERSION, pparams, pinputs), pparams, pinputs)
+                prune_steps[prof.align] = _step(prune_stage, "", pparams, pinputs)
                 steps.append(prune_steps[prof.align])
         for name, prof in self.profiles.items():
             model_step = prune_steps.get(prof.align, transfer)
             eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
                        "openvino": pv["openvino"] if prof.format == "openvino" else None}
-            export = Step("export", name, make_key("export", export_stage.VERSION, eparams, einputs), eparams, einputs)
+            export = _step(export_stage, name, eparams, einputs)
             steps.append(export)
             artifact = export
             if prof.precision == "int8":
@@ -167,15 +173,16 @@ class Build:
                            "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
                            "guard_baseline": transfer.key}
                 qinputs = {"model": export.key, "data": data.fingerprint, "tool": pv["onnxruntime"] if prof.runtime == "onnxruntime" else [pv["openvino"], pv["nncf"]]}
-                artifact = Step("quantize", name, make_key("quantize", quantize_stage.VERSION, qparams, qinputs), qparams, qinputs)
+                artifact = _step(quantize_stage, name, qparams, qinputs)
                 steps.append(artifact)
             vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,
                        "arch": prof.arch, "available": unavailable_reason(prof)}
             vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
                        "runtime": pv["onnxruntime"] if prof.runtime == "onnxruntime" else pv["openvino"]}
-            steps.append(Step("validate", name, make_key("validate", validate_stage.VERSION, vparams, vinputs), vparams, vinputs))
+            steps.append(_step(validate_stage, name, vparams, vinputs))
         for s in steps:
-            s.cached = self.cache.get(s.stage, s.key) is not None
+            s.entry = self.cache.get(s.stage, s.key)
+            s.cached = s.entry is not None
             s.reason = "cached" if s.cached else self._why(s)
         return steps
 
@@ -211,7 +218,9 @@ class Build:
         if shared and distributed.training():  # a training stage every rank of torchrun takes part in
             return distributed.run_shared(step.cached, lambda: self.cache.get(step.stage, step.key),
                                           lambda: self._build_stage(step, build), build)
-        hit = self.cache.get(step.stage, step.key)
+        # the plan verified this entry already; otherwise an earlier step with the same key
+        # (two targets sharing an export, say) may have built it during this run
+        hit = step.entry if step.entry is not None and step.entry.is_dir() else self.cache.get(step.stage, step.key)
         if hit is not None:
             return hit
         return self._build_stage(step, build)
