@@ -48,10 +48,6 @@ def strip_timings(obj):
     return obj
 
 
-def model_files(prof: TargetProfile) -> list[str]:
-    return ["model.onnx"] if prof.format == "onnx" else ["model.xml", "model.bin"]
-
-
 def compression(pmeta: dict) -> dict:
     """The prune stage's record for reports and manifests."""
     keys = ("ratio", "importance", "scope", "align", "kept", "recover_epochs", "recovery", "accuracy_before", "accuracy_after_prune",
@@ -64,7 +60,7 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
     """manifest.json of one bundle (schema edgebuild.bundle/1), less its ``files`` table."""
     mmeta = mmeta or tmeta
     effective = effective or prof.precision
-    files = model_files(prof)
+    files = export_stage.model_files(prof)
     static = prof.batch if isinstance(prof.batch, int) else "N"
     shape_in = [static, cfg.preprocess.channels, *cfg.preprocess.input_size]
     counts: dict[str, int] = {}

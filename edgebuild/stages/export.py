@@ -198,6 +198,11 @@ def to_openvino(onnx_path: Path, xml_path: Path, profile: TargetProfile, example
     return {"seconds": time.perf_counter() - t0, "bytes": xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size}
 
 
+def model_files(profile: TargetProfile) -> list[str]:
+    """The files that make up an artifact of this profile's format."""
+    return ["model.onnx"] if profile.format == "onnx" else ["model.xml", "model.bin"]
+
+
 def run(model: nn.Module, example: torch.Tensor, profile: TargetProfile, out: Path) -> dict:
     meta = export_onnx(model, example, out / "model.onnx", profile.opset, profile.batch)
     meta["format"] = "onnx"

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import TargetProfile
 from ..errors import ModelError
+from .export import model_files
 
 NAME = "quantize"
 VERSION = 2
@@ -178,10 +179,6 @@ def host_accuracy(profile: TargetProfile, artifact: Path, precision: str, X: np.
     return float((logits.argmax(1) == y).mean()) if len(y) else 0.0
 
 
-def _model_files(profile: TargetProfile) -> list[str]:
-    return ["model.onnx"] if profile.runtime == "onnxruntime" else ["model.xml", "model.bin"]
-
-
 def _attempts_plan(profile: TargetProfile) -> list[tuple[str, dict]]:
     if profile.runtime == "onnxruntime":
         plan = [("plain", {}), ("first conv and head in float", {"float_layers": True})]
@@ -216,7 +213,7 @@ def _fallback(profile: TargetProfile, src: Path, out: Path, precision: str) -> s
 
         save_model(ov.Core().read_model(str(src / "model.xml")), out / "model.xml", compress_to_fp16=True)
         return "fp16"
-    for f in _model_files(profile):
+    for f in model_files(profile):
         shutil.copyfile(src / f, out / f)
     return "fp32"
 
@@ -301,7 +298,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
                 f" (accuracy {acc:.4f}){note}")
     if decision != f"fallback-{effective}":
         adir = out / f".attempt-{chosen}"
-        for f in _model_files(profile):
+        for f in model_files(profile):
             os.replace(adir / f, out / f)
     for d in out.glob(".attempt-*"):
         shutil.rmtree(d, ignore_errors=True)
