@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import __version__, distributed
-from .cache import Cache, make_key, sweep_stale
+from .cache import Cache, make_key, stable_json, sweep_stale
 from .config import BuildConfig, TargetProfile
 from .data import (
     calibration_indices,
@@ -41,6 +41,7 @@ from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
+from .target_run import build_target
 
 @dataclass
 class Data:
@@ -70,6 +71,22 @@ class Step:
 def _step(stage, target: str, params: dict, inputs: dict) -> Step:
     """A step of ``stage`` (a stages.* module) keyed by its name, version, params and inputs."""
     return Step(stage.NAME, target, make_key(stage.NAME, stage.VERSION, params, inputs), params, inputs)
+
+
+def _changes(now: Any, before: Any, prefix: str, path: str = "") -> list[str]:
+    """Dotted paths of what differs between two JSON values, with both values when short:
+    ``transfer.lr 0.01 -> 0.02``."""
+    if isinstance(now, dict) and isinstance(before, dict):
+        out = []
+        for k in sorted(set(now) | set(before)):
+            out += _changes(now.get(k), before.get(k), prefix, f"{path}.{k}" if path else str(k))
+        return out
+    if now == before:
+        return []
+    a, b = stable_json(before), stable_json(now)
+    if len(a) + len(b) <= 40 and not (isinstance(now, str) and len(now) >= 32):
+        return [f"{prefix}{path} {a} -> {b}"]
+    return [f"{prefix}{path}"]
 
 
 @dataclass
@@ -209,8 +226,9 @@ class Build:
                 best, best_t = desc, t
         if best is None:
             return "new"
-        changed = [f"param {k}" for k in sorted(set(step.params) | set(best.get("params", {}))) if step.params.get(k) != best.get("params", {}).get(k)]
-        changed += [f"input {k}" for k in sorted(set(step.inputs) | set(best.get("inputs", {}))) if step.inputs.get(k) != best.get("inputs", {}).get(k)]
+        # the entry was stored as JSON: compare like with like (a tuple reads back as a list)
+        now = json.loads(stable_json({"params": step.params, "inputs": step.inputs}))
+        changed = _changes(now["params"], best.get("params", {}), "") + _changes(now["inputs"], best.get("inputs", {}), "input ")
         return "changed: " + ", ".join(changed) if changed else "changed"
 
     # ------------------------------------------------------------------ stage execution
@@ -288,61 +306,11 @@ class Build:
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.out))
         try:
             for name, prof in self.profiles.items():
-                estep = by[("export", name)]
-                src = models[estep.inputs["model"]]
-                mstep, mdir, mmeta, mref = src["step"], src["dir"], src["meta"], src["ref_logits"]
-
-                def do_export(out, prof=prof, mstep=mstep, mdir=mdir):
-                    meta = export_stage.run(self._torch_model(mstep, mdir), example, prof, out)
-                    (out / "meta.json").write_text(json.dumps(meta))
-                    (out / "model.onnx").unlink() if prof.format == "openvino" else None
-                edir = self._stage(estep, do_export)
-                artifact, precision_meta = edir, {}
-                budgets = validate_stage.merged_budgets(prof, cfg.budgets)
-                if prof.precision == "int8":
-                    qstep = by[("quantize", name)]
-                    calib = data.Xtrain[calib_idx]
-
-                    def do_quant(out, edir=edir, prof=prof, calib=calib):
-                        meta = quantize_stage.run(prof, edir, out, calib, Xval=data.Xval, yval=data.yval, baseline_accuracy=fp32_acc,
-                                                  max_accuracy_drop=qstep.params["max_accuracy_drop"], log=self.progress.log)
-                        (out / "quantize.json").write_text(json.dumps(meta))
-                    artifact = self._stage(qstep, do_quant)
-                    precision_meta = json.loads((artifact / "quantize.json").read_text())
-                    if precision_meta.get("decision", "int8") != "int8":
-                        self.progress.log(f"  {name}: int8 over the accuracy budget; the bundle ships {precision_meta['effective_precision']} "
-                                          f"(profile fallback: {prof.fallback}); see manifest model.quantization.attempts")
-                effective = precision_meta.get("effective_precision", prof.precision)
-                eprof = prof if effective == prof.precision else prof.model_copy(update={"precision": effective})
-                vstep = by[("validate", name)]
-                golden = bundle_stage.golden_indices(data.yval)
-
-                def do_validate(out, artifact=artifact, eprof=eprof, mref=mref):
-                    m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, self.progress)
-                    (out / "metrics.json").write_text(json.dumps(m, indent=2))
-                    np.save(out / "golden_outputs.npy", self._golden_outputs(eprof, artifact, data.Xval[golden]))
-                vdir = self._stage(vstep, do_validate)
-                metrics = json.loads((vdir / "metrics.json").read_text())
-                rows = validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta)
-                gate_rows += rows
-                bundle_name = f"{cfg.name}-{name}"
-                bdir = staging / bundle_name
-                bdir.mkdir()
-                manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
-                                                         reproducible=self.reproducible)
-                bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
-                staged.append(bundle_name)
-                stage_rows.append({"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
-                                   "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],
-                                   "val_accuracy": metrics.get("accuracy", precision_meta.get("accuracy")),
-                                   "host_latency_p50_ms": metrics.get("latency_p50_ms"), "host_latency_p90_ms": metrics.get("latency_p90_ms"),
-                                   "latency_runtime": (metrics.get("settings") or {}).get("runtime"),
-                                   "status": metrics["status"], "reason": metrics.get("reason")})
-                targets_report[name] = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name,
-                                        "precision": {"requested": prof.precision, "effective": effective},
-                                        "quantization": precision_meta or None,
-                                        "compression": mmeta if mstep.stage == "prune" else None,
-                                        "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
+                r = build_target(self, name, prof, by, models, example, tmeta, fp32_acc, calib_idx, staging)
+                gate_rows += r.gates
+                staged.append(r.bundle_name)
+                stage_rows.append(r.stage_row)
+                targets_report[name] = r.report
             report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
             report["stages"] = stage_rows
             report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for k, m in models.items() if k != tstep.key} or None

@@ -74,3 +74,20 @@ def test_data_error_exit_2(tiny_project, cli):
     (tiny_project / "data" / "val" / "a" / "img000.png").write_bytes(b"not a png")
     code, _, err = cli("build", tiny_project / "edgebuild.yaml")
     assert code == 2 and "img000.png" in err and "Traceback" not in err
+
+
+def test_plan_names_only_what_changed(tiny_project, cli):
+    """Changing transfer.lr alone names transfer.lr, not preprocess (stored as JSON, whose
+    input_size list once compared unequal to the config's tuple)."""
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0, err
+    text = (tiny_project / "edgebuild.yaml").read_text().replace("lr: 0.05", "lr: 0.04")
+    (tiny_project / "edgebuild.yaml").write_text(text)
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0, err
+    plan = {(s["stage"], s["target"]): s for s in json.loads(out)["plan"]}
+    reason = plan[("transfer", "")]["reason"]
+    assert reason == "changed: transfer.lr 0.05 -> 0.04", reason
+    assert "preprocess" not in reason
+    # downstream stages run because their input (the model) changed
+    assert plan[("export", "x86-onnxruntime-fp32")]["reason"] == "changed: input model"

@@ -1,0 +1,89 @@
+"""The per-target half of a build: export, quantize, validate and stage the bundle of one
+target profile, through the build's cache. Called by :meth:`pipeline.Build.run` once per target
+after the shared stages (transfer, prune) are done."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import manifest as manifest_mod
+from .config import TargetProfile
+from .stages import bundle as bundle_stage
+from .stages import export as export_stage
+from .stages import quantize as quantize_stage
+from .stages import validate as validate_stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Build
+
+
+@dataclass
+class TargetResult:
+    report: dict  # report.json's targets[NAME]
+    gates: list[dict]
+    stage_row: dict  # the "artifact" row of "what each stage bought"
+    bundle_name: str
+
+
+def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: dict, example: Any, tmeta: dict,
+                 fp32_acc: float, calib_idx: np.ndarray, staging: Path) -> TargetResult:
+    cfg, data = b.cfg, b.data()
+    estep = by[("export", name)]
+    src = models[estep.inputs["model"]]
+    mstep, mdir, mmeta, mref = src["step"], src["dir"], src["meta"], src["ref_logits"]
+
+    def do_export(out):
+        meta = export_stage.run(b._torch_model(mstep, mdir), example, prof, out)
+        (out / "meta.json").write_text(json.dumps(meta))
+        (out / "model.onnx").unlink() if prof.format == "openvino" else None
+    edir = b._stage(estep, do_export)
+    artifact, precision_meta = edir, {}
+    budgets = validate_stage.merged_budgets(prof, cfg.budgets)
+    if prof.precision == "int8":
+        qstep = by[("quantize", name)]
+        calib = data.Xtrain[calib_idx]
+
+        def do_quant(out):
+            meta = quantize_stage.run(prof, edir, out, calib, Xval=data.Xval, yval=data.yval, baseline_accuracy=fp32_acc,
+                                      max_accuracy_drop=qstep.params["max_accuracy_drop"], log=b.progress.log)
+            (out / "quantize.json").write_text(json.dumps(meta))
+        artifact = b._stage(qstep, do_quant)
+        precision_meta = json.loads((artifact / "quantize.json").read_text())
+        if precision_meta.get("decision", "int8") != "int8":
+            b.progress.log(f"  {name}: int8 over the accuracy budget; the bundle ships {precision_meta['effective_precision']} "
+                           f"(profile fallback: {prof.fallback}); see manifest model.quantization.attempts")
+    effective = precision_meta.get("effective_precision", prof.precision)
+    eprof = prof if effective == prof.precision else prof.model_copy(update={"precision": effective})
+    vstep = by[("validate", name)]
+    golden = bundle_stage.golden_indices(data.yval)
+
+    def do_validate(out):
+        m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress)
+        (out / "metrics.json").write_text(json.dumps(m, indent=2))
+        np.save(out / "golden_outputs.npy", b._golden_outputs(eprof, artifact, data.Xval[golden]))
+    vdir = b._stage(vstep, do_validate)
+    metrics = json.loads((vdir / "metrics.json").read_text())
+    rows = validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta)
+    bundle_name = f"{cfg.name}-{name}"
+    bdir = staging / bundle_name
+    bdir.mkdir()
+    manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
+                                           reproducible=b.reproducible)
+    bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
+    stage_row = {"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
+                 "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],
+                 "val_accuracy": metrics.get("accuracy", precision_meta.get("accuracy")),
+                 "host_latency_p50_ms": metrics.get("latency_p50_ms"), "host_latency_p90_ms": metrics.get("latency_p90_ms"),
+                 "latency_runtime": (metrics.get("settings") or {}).get("runtime"),
+                 "status": metrics["status"], "reason": metrics.get("reason")}
+    report = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name,
+              "precision": {"requested": prof.precision, "effective": effective},
+              "quantization": precision_meta or None,
+              "compression": mmeta if mstep.stage == "prune" else None,
+              "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
+    return TargetResult(report, rows, stage_row, bundle_name)
