@@ -22,8 +22,9 @@ from .errors import EdgebuildError, GateFailed
 
 def _fail(err: EdgebuildError, verbose: bool) -> int:
     if isinstance(err, GateFailed) and err.rows:
-        widths = [max(len(str(r[i])) for r in [("target", "budget", "limit", "measured"), *err.rows]) for i in range(4)]
-        click.echo("  ".join(h.ljust(w) for h, w in zip(("target", "budget", "limit", "measured"), widths)), err=True)
+        head = ("target", "budget", "limit", "limit from", "measured")[: len(err.rows[0])]
+        widths = [max(len(str(r[i])) for r in [head, *err.rows]) for i in range(len(head))]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)), err=True)
         for r in err.rows:
             click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), err=True)
     click.echo(f"error: {err.message}", err=True)
@@ -234,6 +235,13 @@ def targets_show(name, config, targets_dir):
     p = reg.get(name)
     click.echo(f"# {reg.files[name]} ({reg.origin[name]})")
     click.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+    from .budgets import profile_defaults
+
+    lines = profile_defaults(p)
+    click.echo("# limits: " + ("none set; the build file's budgets apply alone" if not lines else
+                               "a build file's budgets override a default, and may only tighten a hard device limit"))
+    for line in lines:
+        click.echo(f"#   {line}")
 
 
 @cli.command()

@@ -203,6 +203,16 @@ class TargetProfile(_Strict):
     quantization: QuantizationScheme = Field(default_factory=QuantizationScheme)
     fallback: Literal["fp16", "fp32", "fail"] = "fail"
     budgets: Budgets = Field(default_factory=Budgets)
+    hard_budgets: list[str] = Field(default_factory=list, description="budget keys that are device limits: a build file may tighten them, never loosen")
+
+    @field_validator("hard_budgets")
+    @classmethod
+    def _hard(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if k not in Budgets.model_fields:
+                best = closest(k, Budgets.model_fields)
+                raise ValueError(f"'{k}' is not a budget" + (f" (did you mean '{best}'?)" if best else "") + f"; budgets: {', '.join(Budgets.model_fields)}")
+        return v
 
     @field_validator("batch")
     @classmethod

@@ -8,6 +8,7 @@ other exception is a bug (exit 1, traceback shown).
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable, Sequence
 
 
@@ -59,18 +60,28 @@ class BundleError(EdgebuildError):
 
 
 class GateFailed(EdgebuildError):
-    """A budget or validation gate failed. ``rows`` lists (target, budget, limit, measured)."""
+    """A budget or validation gate failed. ``rows`` lists (target, budget, limit, limit from, measured)."""
 
     exit_code = 3
 
-    def __init__(self, message: str, rows: Sequence[tuple[str, str, str, str]], hint: str | None = None):
+    def __init__(self, message: str, rows: Sequence[tuple[str, ...]], hint: str | None = None):
         super().__init__(message, hint)
         self.rows = list(rows)
 
 
+_OPPOSITES = [("min", "max"), ("max", "min")]
+
+
+def _inverts(name: str, choice: str) -> bool:
+    """True when ``choice`` would turn ``name`` into its opposite (min_* -> max_*): a suggestion
+    must never invert what the user meant."""
+    a, b = set(re.split(r"[^a-z0-9]+", name.lower())), set(re.split(r"[^a-z0-9]+", choice.lower()))
+    return any(x in a and y in b and x not in b for x, y in _OPPOSITES)
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
-    """The closest valid name to a misspelled one, or None."""
-    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    """The closest valid name to a misspelled one, or None (never one of opposite meaning)."""
+    found = difflib.get_close_matches(str(name), [str(c) for c in choices if not _inverts(str(name), str(c))], n=1, cutoff=0.5)
     return found[0] if found else None
 
 

@@ -89,6 +89,16 @@ def _changes(now: Any, before: Any, prefix: str, path: str = "") -> list[str]:
     return [f"{prefix}{path}"]
 
 
+def _gate_hint(failed: list[dict]) -> str:
+    """What the user can change: a profile default is overridden in the build file's budgets."""
+    soft = [r for r in failed if "(default)" in r.get("source", "") or r.get("source", "").startswith("build file")]
+    if soft:
+        key = soft[0]["budget"].split(" ")[0]
+        return (f"set budgets.{key} in the build file to change that limit (it overrides the profile's default), "
+                "or change the model/compression; 'edgebuild targets show NAME' lists each profile's limits")
+    return "change the model/compression (hard device limits and parity tolerances cannot be loosened by the build file)"
+
+
 @dataclass
 class BuildResult:
     report: dict
@@ -320,8 +330,8 @@ class Build:
                 self._write_report(report)
                 raise GateFailed(
                     f"{len(failed)} budget or validation gate(s) failed; no bundle was written",
-                    [(r["target"], r["budget"], str(r["limit"]), str(r["measured"])) for r in failed],
-                    hint="relax the budget in the target profile or build file, or change the model/compression",
+                    [(r["target"], r["budget"], str(r["limit"]), r.get("source", ""), str(r["measured"])) for r in failed],
+                    hint=_gate_hint(failed),
                 )
             report["status"] = "ok"
             bundles = bundle_stage.publish(staging, staged, self.out)

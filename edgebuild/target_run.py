@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import budgets as budgets_mod
 from . import manifest as manifest_mod
 from .config import TargetProfile
 from .stages import bundle as bundle_stage
@@ -43,7 +44,8 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         (out / "model.onnx").unlink() if prof.format == "openvino" else None
     edir = b._stage(estep, do_export)
     artifact, precision_meta = edir, {}
-    budgets = validate_stage.merged_budgets(prof, cfg.budgets)
+    limits = budgets_mod.resolve(prof, cfg.budgets)
+    budgets = {k: v["value"] for k, v in limits.items()}
     if prof.precision == "int8":
         qstep = by[("quantize", name)]
         calib = data.Xtrain[calib_idx]
@@ -68,7 +70,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         np.save(out / "golden_outputs.npy", b._golden_outputs(eprof, artifact, data.Xval[golden]))
     vdir = b._stage(vstep, do_validate)
     metrics = json.loads((vdir / "metrics.json").read_text())
-    rows = validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta)
+    rows = budgets_mod.annotate(validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta), limits)
     bundle_name = f"{cfg.name}-{name}"
     bdir = staging / bundle_name
     bdir.mkdir()

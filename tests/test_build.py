@@ -26,6 +26,8 @@ def test_impossible_latency_budget_exits_3_with_table_and_keeps_previous_dist(ti
     assert code == 3
     assert "target" in err and "budget" in err and "limit" in err and "measured" in err
     assert "max_latency_ms (p90)" in err and "max_size_mb" in err
+    assert "limit from" in err and "profile x86-onnxruntime-fp32 (default)" in err
+    assert "hint: set budgets.max_latency_ms in the build file" in err
     assert "Traceback" not in err
     assert (tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_bytes() == old
     assert not [p for p in (tiny_project / "dist").iterdir() if p.name.startswith(".staging")]
@@ -91,3 +93,18 @@ def test_plan_names_only_what_changed(tiny_project, cli):
     assert "preprocess" not in reason
     # downstream stages run because their input (the model) changed
     assert plan[("export", "x86-onnxruntime-fp32")]["reason"] == "changed: input model"
+
+
+def test_build_file_budget_loosens_the_profile_default(tiny_project, cli):
+    """A profile's min_agreement is a default: the build file's lower value is the one applied."""
+    (tiny_project / "targets").mkdir()
+    (tiny_project / "targets" / "strict.yaml").write_text("extends: x86-onnxruntime-fp32\nbudgets: {max_size_mb: 0.000001}\n")
+    write_config(tiny_project, targets="[strict]")
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 3 and "profile strict (default)" in err
+    write_config(tiny_project, targets="[strict]", extra="budgets: {max_size_mb: 50}\n")
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0, err
+    gates = {g["budget"]: g for g in json.loads(out)["targets"]["strict"]["gates"]}
+    assert gates["max_size_mb"]["limit"] == 50 and gates["max_size_mb"]["source"] == "build file (profile default 1e-06)"
+    assert gates["min_agreement"]["source"] == "profile strict (default)"

@@ -61,15 +61,10 @@ def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray
 
 
 def merged_budgets(profile: TargetProfile, build: Budgets) -> dict:
-    """Profile and build-file budgets together; where both set one, the stricter wins."""
-    out = {}
-    for key in Budgets.model_fields:
-        a, b = getattr(profile.budgets, key), getattr(build, key)
-        vals = [v for v in (a, b) if v is not None]
-        if not vals:
-            continue
-        out[key] = max(vals) if key.startswith("min_") else min(vals)
-    return out
+    """The limits that apply (edgebuild/budgets.py: the build file wins unless the profile marks a hard device limit)."""
+    from ..budgets import values
+
+    return values(profile, build)
 
 
 def gates(target: str, precision: str, metrics: dict, budgets: dict, fp32_accuracy: float | None) -> list[dict]:
