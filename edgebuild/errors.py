@@ -59,6 +59,15 @@ class BundleError(EdgebuildError):
     """A bundle is altered, incomplete, unsafe or of an unknown schema."""
 
 
+class EmulationError(EdgebuildError):
+    """This host cannot emulate the target's arch (qemu, debootstrap or binfmt missing), or the
+    emulated root could not be made."""
+
+
+class RuntimeMissing(EdgebuildError):
+    """A profile's runtime needs an optional extra that is not installed."""
+
+
 class GateFailed(EdgebuildError):
     """A budget or validation gate failed. ``rows`` lists (target, budget, limit, limit from, measured)."""
 

@@ -141,20 +141,10 @@ def figures(m: dict) -> list[tuple[str, str]]:
 def bundle_context(cfg: BuildConfig, prof: TargetProfile, artifact: Path, manifest: dict, data, golden, golden_out,
                    effective: str | None = None) -> dict:
     """Everything stages.bundle.write_bundle needs: files, golden vectors, template context."""
-    from .profiles import ort_provider
-    from .resources import templates_dir
-    from .runtimes.openvino import inference_precision
+    from .runtimes import adapter
 
     effective = effective or prof.precision
-    ov_prec = "f32"
-    if prof.runtime == "openvino":
-        import openvino as ov
-
-        try:
-            ov_prec = inference_precision(ov.Core(), prof.device, effective)
-        except Exception:  # the device's capabilities cannot be asked here: its documented default
-            ov_prec = "f16" if effective == "fp16" else "f32"
-    runtime_pkg = "onnxruntime" if prof.runtime == "onnxruntime" else "openvino"
+    rt = adapter(prof.runtime)
     files = manifest["model"]["files"]
     template = {
         "edgebuild_version": __version__,
@@ -164,8 +154,8 @@ def bundle_context(cfg: BuildConfig, prof: TargetProfile, artifact: Path, manife
         "target": prof.name,
         "description": prof.description,
         "runtime": prof.runtime,
-        "runtime_package": runtime_pkg,
-        "runtime_version": bundle_stage.pkg_version(runtime_pkg),
+        "runtime_package": rt.package,
+        "runtime_version": bundle_stage.pkg_version(rt.package),
         "numpy_min": "1.24",
         "pillow_min": "9.1",
         "model_file": files[0],
@@ -175,17 +165,16 @@ def bundle_context(cfg: BuildConfig, prof: TargetProfile, artifact: Path, manife
         "precision": effective,
         "requested_precision": prof.precision,
         "threads": prof.threads,
-        "providers": [ort_provider(prof.device)],
-        "inference_precision": ov_prec,
         "preprocess": preprocess_args(cfg.preprocess),
         "labels": list(data.classes),
         "input_name": export_stage.INPUT_NAME,
         "output_name": export_stage.OUTPUT_NAME,
         "input_shape": manifest["model"]["inputs"][0]["shape"],
         "output_shape": manifest["model"]["outputs"][0]["shape"],
-        "has_cpp": prof.runtime == "openvino" and (templates_dir() / "cpp").is_dir(),
+        "has_cpp": False,
         "figures": figures(manifest["metrics"]),
     }
+    template.update(rt.template_context(prof, effective))
     return {
         "profile": prof,
         "artifact": artifact,

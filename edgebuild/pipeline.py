@@ -34,6 +34,7 @@ from .data import (
 from . import manifest as manifest_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
 from .profiles import ProfileRegistry, unavailable_reason
+from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
@@ -189,8 +190,9 @@ class Build:
         for name, prof in self.profiles.items():
             model_step = prune_steps.get(prof.align, transfer)
             eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
+            rt = adapter(prof.runtime)
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
-                       "openvino": pv["openvino"] if prof.format == "openvino" else None}
+                       "runtime": rt.versions()}
             export = _step(export_stage, name, eparams, einputs)
             steps.append(export)
             artifact = export
@@ -199,13 +201,13 @@ class Build:
                            "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed, "fallback": prof.fallback,
                            "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
                            "guard_baseline": transfer.key}
-                qinputs = {"model": export.key, "data": data.fingerprint, "tool": pv["onnxruntime"] if prof.runtime == "onnxruntime" else [pv["openvino"], pv["nncf"]]}
+                qinputs = {"model": export.key, "data": data.fingerprint, "tool": rt.versions()}
                 artifact = _step(quantize_stage, name, qparams, qinputs)
                 steps.append(artifact)
             vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,
                        "arch": prof.arch, "available": unavailable_reason(prof)}
             vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
-                       "runtime": pv["onnxruntime"] if prof.runtime == "onnxruntime" else pv["openvino"]}
+                       "runtime": rt.versions()}
             steps.append(_step(validate_stage, name, vparams, vinputs))
         for s in steps:
             s.entry = self.cache.get(s.stage, s.key)

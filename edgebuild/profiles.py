@@ -74,28 +74,26 @@ def host_arch() -> str:
 
 def unavailable_reason(profile: TargetProfile) -> str | None:
     """Why this profile cannot be validated on this host, or None when it can."""
+    from .runtimes import adapter
+
+    rt = adapter(profile.runtime)
+    missing = rt.missing()
+    if missing:
+        return missing
+    platform_reason = rt.platform_reason(profile)
+    if platform_reason:
+        return platform_reason
     if profile.arch not in ("any", host_arch()):
         return f"target arch {profile.arch} is not this host's ({host_arch()})"
-    if profile.runtime == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed on this host"
-        provider = ort_provider(profile.device)
-        if provider not in ort.get_available_providers():
-            return f"ONNX Runtime execution provider {provider} is not available on this host (have: {', '.join(ort.get_available_providers())})"
-        return None
-    if profile.runtime == "openvino":
-        try:
-            import openvino as ov
-        except ImportError:
-            return "openvino is not installed on this host"
-        devices = ov.Core().available_devices
-        dev = profile.device.split(".")[0]
-        if not any(d.split(".")[0] == dev for d in devices):
-            return f"OpenVINO device {profile.device} is not present on this host (have: {', '.join(devices)})"
-        return None
-    return f"unknown runtime {profile.runtime}"  # pragma: no cover - schema prevents it
+    return rt.host_reason(profile)
+
+
+def missing_extra(profile: TargetProfile) -> str | None:
+    """The pip extra a profile's runtime needs and this install lacks (None: nothing missing)."""
+    from .runtimes import adapter
+
+    rt = adapter(profile.runtime)
+    return rt.extra if rt.extra and rt.missing() else None
 
 
 def ort_provider(device: str) -> str:

@@ -41,7 +41,6 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     def do_export(out):
         meta = export_stage.run(b._torch_model(mstep, mdir), example, prof, out)
         (out / "meta.json").write_text(json.dumps(meta))
-        (out / "model.onnx").unlink() if prof.format == "openvino" else None
     edir = b._stage(estep, do_export)
     artifact, precision_meta = edir, {}
     limits = budgets_mod.resolve(prof, cfg.budgets)

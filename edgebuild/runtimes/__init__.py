@@ -1,7 +1,15 @@
-"""One adapter per runtime: load an artifact with a profile's settings, run it, benchmark it."""
+"""One adapter per runtime: what a runtime exports, how it quantizes, loads, runs and benchmarks
+an artifact, what a host needs to run it, and what its bundle's ``infer.py`` uses.
+
+The stages (export, quantize, validate, bundle) call :func:`adapter` and never branch on the
+runtime themselves; a new runtime is a module here plus profiles and a template block in
+``templates/runtimes/``. Optional runtimes name the pip extra that installs them.
+"""
 
 from __future__ import annotations
 
+import importlib
+import shutil
 import time
 from pathlib import Path
 
@@ -65,11 +73,73 @@ class Runner:
         }
 
 
+class Adapter:
+    """The interface every runtime implements (defaults are the ONNX-based behaviour)."""
+
+    name = ""
+    extra: str | None = None  # pip extra that installs the runtime (None: a core dependency)
+    modules: tuple[str, ...] = ()  # what must import for this runtime to build and run
+    packages: tuple[str, ...] = ()  # distributions whose versions key the cache and the manifest
+    package = ""  # what a bundle's requirements.txt pins
+    accuracy_control = False  # quantize() accepts an accuracy-control callback (NNCF)
+
+    def missing(self) -> str | None:
+        """Why this runtime cannot be used at all here (its extra is not installed), or None."""
+        for mod in self.modules:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                if self.extra:
+                    return f"the {self.name} runtime needs the '{self.extra}' extra ({mod} does not import: {e})"
+                return f"{mod} is not installed on this host"
+        return None
+
+    def versions(self) -> list:
+        from ..stages.bundle import pkg_version
+
+        return [pkg_version(p) for p in self.packages]
+
+    def model_files(self, profile: TargetProfile) -> list[str]:
+        raise NotImplementedError
+
+    def export(self, model, example, profile: TargetProfile, out: Path) -> dict:
+        raise NotImplementedError
+
+    def quantize_plan(self, profile: TargetProfile) -> list[tuple[str, dict]]:
+        """The accuracy guard's attempts in order: (what, options for quantize())."""
+        return [("plain", {})]
+
+    def quantize(self, profile: TargetProfile, src: Path, dst: Path, calib: np.ndarray, opts: dict, ac: dict | None) -> dict:
+        raise NotImplementedError
+
+    def fallback(self, profile: TargetProfile, src: Path, out: Path, precision: str) -> str:
+        """Write the fallback artifact into ``out``; returns the precision written (fp32 by default)."""
+        for f in self.model_files(profile):
+            shutil.copyfile(src / f, out / f)
+        return "fp32"
+
+    def platform_reason(self, profile: TargetProfile) -> str | None:
+        """Why no host of this OS can run the artifact at all (Core ML off macOS), or None."""
+        return None
+
+    def host_reason(self, profile: TargetProfile) -> str | None:
+        """Why this host cannot run the profile's device (the runtime being installed), or None."""
+        return None
+
+    def runner(self, profile: TargetProfile, artifact_dir: Path, precision: str) -> Runner:
+        raise NotImplementedError
+
+    def template_context(self, profile: TargetProfile, precision: str) -> dict:
+        """What the bundle's infer.py/README templates need beyond the common context."""
+        return {}
+
+
+ADAPTERS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def adapter(runtime: str) -> Adapter:
+    return importlib.import_module(f".{ADAPTERS[runtime]}", __name__).ADAPTER
+
+
 def open_runner(profile: TargetProfile, artifact_dir: Path, precision: str | None = None) -> Runner:
-    if profile.runtime == "onnxruntime":
-        from .onnxruntime import OrtRunner
-
-        return OrtRunner(artifact_dir / "model.onnx", profile)
-    from .openvino import OvRunner
-
-    return OvRunner(artifact_dir / "model.xml", profile, precision or profile.precision)
+    return adapter(profile.runtime).runner(profile, artifact_dir, precision or profile.precision)

@@ -1,14 +1,16 @@
-"""OpenVINO adapter. The inference precision is always set explicitly: on CPUs with
+"""OpenVINO adapter: IR converted from the ONNX export, int8 by NNCF. The inference precision is always set explicitly: on CPUs with
 AVX512-BF16/AMX the plugin would otherwise run "fp32" models in bf16."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..config import TargetProfile
-from . import Runner
+from ..errors import ModelError
+from . import Adapter, Runner
 
 
 def inference_precision(core, device: str, precision: str) -> str:
@@ -65,3 +67,131 @@ def save_model(model, xml_path, compress_to_fp16: bool = False) -> None:
         if m and m.group("type") == op.get_type_name() or (m and op.get_type_name() == "Constant"):
             op.set_friendly_name(f"{op.get_type_name()}_eb{i}")
     ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)
+
+
+def to_openvino(onnx_path: Path, xml_path: Path, profile: TargetProfile, example_shape: tuple[int, ...]) -> dict:
+    import openvino as ov
+
+    from ..stages.export import INPUT_NAME
+
+    t0 = time.perf_counter()
+    shape = list(example_shape)
+    if profile.batch == "dynamic":
+        shape[0] = -1
+    else:
+        shape[0] = int(profile.batch)
+    try:
+        ovm = ov.convert_model(str(onnx_path), input=[(INPUT_NAME, ov.PartialShape(shape))])
+    except Exception as e:
+        raise ModelError(f"OpenVINO conversion failed: {str(e).strip().splitlines()[0][:300]}", hint="check the ONNX model with onnx.checker and the OpenVINO release notes") from e
+    save_model(ovm, xml_path, compress_to_fp16=(profile.precision == "fp16"))
+    return {"seconds": time.perf_counter() - t0, "bytes": xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size}
+
+
+def quantize_openvino(src_xml: Path, dst_xml: Path, calib: np.ndarray, profile: TargetProfile, ignored: list[str] | None = None,
+                      preset: str | None = None, accuracy_control: dict | None = None) -> dict:
+    import nncf
+    import openvino as ov
+
+    static = profile.batch if isinstance(profile.batch, int) else 1
+    items = [np.ascontiguousarray(calib[b : b + static], dtype=np.float32) for b in range(0, len(calib) - static + 1, static)]
+    from ..stages.quantize import quiet
+
+    t0 = time.perf_counter()
+    try:
+        with quiet():
+            model = ov.Core().read_model(str(src_xml))
+            preset = preset or profile.quantization.preset
+            qpreset = nncf.QuantizationPreset.MIXED if preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
+            kwargs = {}
+            if ignored:
+                kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
+            if accuracy_control:
+                ac = accuracy_control
+                q = nncf.quantize_with_accuracy_control(
+                    model, nncf.Dataset(items), nncf.Dataset(ac["val_items"]), ac["validation_fn"], max_drop=ac["max_drop"],
+                    drop_type=nncf.DropType.ABSOLUTE, preset=qpreset, subset_size=len(items), **kwargs)
+            else:
+                q = nncf.quantize(model, nncf.Dataset(items), preset=qpreset, subset_size=len(items), **kwargs)
+            save_model(q, dst_xml, compress_to_fp16=False)
+    except Exception as e:
+        raise ModelError(f"NNCF quantization failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                         hint="try preset: mixed in the target profile, or an fp16/fp32 target") from e
+    return {"tool": "nncf.quantize_with_accuracy_control" if accuracy_control else "nncf.quantize", "nncf_version": nncf.__version__, "preset": preset,
+            "ignored": ignored or [], "seconds": time.perf_counter() - t0}
+
+
+
+def float_layers(model_path: Path) -> list[str]:
+    """Names of the first convolution and the head (last MatMul) of an OpenVINO IR."""
+    import openvino as ov
+
+    ops = list(ov.Core().read_model(str(model_path)).get_ordered_ops())
+    first = next((o.get_friendly_name() for o in ops if o.get_type_name() in ("Convolution", "GroupConvolution")), None)
+    last = next((o.get_friendly_name() for o in reversed(ops) if o.get_type_name() == "MatMul"), None)
+    return [n for n in (first, last) if n]
+
+
+class OvAdapter(Adapter):
+    name = "openvino"
+    modules = ("openvino",)
+    packages = ("openvino", "nncf")
+    package = "openvino"
+    accuracy_control = True
+
+    def model_files(self, profile: TargetProfile) -> list[str]:
+        return ["model.xml", "model.bin"]
+
+    def export(self, model, example, profile: TargetProfile, out: Path) -> dict:
+        from ..stages.export import export_onnx
+
+        meta = export_onnx(model, example, out / "model.onnx", profile.opset, profile.batch)
+        ovmeta = to_openvino(out / "model.onnx", out / "model.xml", profile, tuple(example.shape))
+        (out / "model.onnx").unlink()
+        return {**meta, "format": "openvino", "ov_seconds": ovmeta["seconds"], "bytes": ovmeta["bytes"]}
+
+    def quantize_plan(self, profile: TargetProfile) -> list[tuple[str, dict]]:
+        plan = [("plain", {}), ("first conv and head in float", {"float_layers": True})]
+        if profile.quantization.preset != "mixed":
+            plan.append(("first conv and head in float, mixed preset (asymmetric activations)", {"float_layers": True, "preset": "mixed"}))
+        plan.append(("NNCF accuracy-controlled quantization", {"float_layers": True, "accuracy_control": True}))
+        return plan
+
+    def quantize(self, profile: TargetProfile, src: Path, dst: Path, calib: np.ndarray, opts: dict, ac: dict | None) -> dict:
+        names = float_layers(src / "model.xml") if opts.get("float_layers") else None
+        return quantize_openvino(src / "model.xml", dst / "model.xml", calib, profile, ignored=names, preset=opts.get("preset"),
+                                 accuracy_control=ac if opts.get("accuracy_control") else None)
+
+    def fallback(self, profile: TargetProfile, src: Path, out: Path, precision: str) -> str:
+        if precision != "fp16":
+            return super().fallback(profile, src, out, precision)
+        import openvino as ov
+
+        save_model(ov.Core().read_model(str(src / "model.xml")), out / "model.xml", compress_to_fp16=True)
+        return "fp16"
+
+    def host_reason(self, profile: TargetProfile) -> str | None:
+        import openvino as ov
+
+        devices = ov.Core().available_devices
+        dev = profile.device.split(".")[0]
+        if not any(d.split(".")[0] == dev for d in devices):
+            return f"OpenVINO device {profile.device} is not present on this host (have: {', '.join(devices)})"
+        return None
+
+    def runner(self, profile: TargetProfile, artifact_dir: Path, precision: str) -> Runner:
+        return OvRunner(artifact_dir / "model.xml", profile, precision)
+
+    def template_context(self, profile: TargetProfile, precision: str) -> dict:
+        import openvino as ov
+
+        try:
+            prec = inference_precision(ov.Core(), profile.device, precision)
+        except Exception:  # the device's capabilities cannot be asked here: its documented default
+            prec = "f16" if precision == "fp16" else "f32"
+        from ..resources import templates_dir
+
+        return {"inference_precision": prec, "has_cpp": (templates_dir() / "cpp").is_dir()}
+
+
+ADAPTER = OvAdapter()

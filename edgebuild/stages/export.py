@@ -1,8 +1,9 @@
-"""Export: the PyTorch model to one self-contained ONNX file, then to OpenVINO IR if asked.
+"""Export: the PyTorch model to the profile's format, through its runtime adapter.
 
-The ONNX graph comes from ``torch.onnx.export`` (torch.export-based); its input is ``input``
-(NCHW float32, batch static or dynamic per profile) and its output ``logits``. OpenVINO IR is
-converted from that same ONNX file, so every target starts from one graph.
+The ONNX-based runtimes start from one self-contained ONNX file by ``torch.onnx.export``
+(torch.export-based; input ``input``, NCHW float32, batch static or dynamic per profile; output
+``logits``); OpenVINO IR is converted from that same file. This module holds that ONNX export
+and the one-line error that names the failing op and module.
 """
 
 from __future__ import annotations
@@ -179,34 +180,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
     return {"seconds": seconds, "opset": int(opset_used), "opset_requested": int(opset), "bytes": path.stat().st_size}
 
 
-def to_openvino(onnx_path: Path, xml_path: Path, profile: TargetProfile, example_shape: tuple[int, ...]) -> dict:
-    import openvino as ov
-
-    t0 = time.perf_counter()
-    shape = list(example_shape)
-    if profile.batch == "dynamic":
-        shape[0] = -1
-    else:
-        shape[0] = int(profile.batch)
-    try:
-        ovm = ov.convert_model(str(onnx_path), input=[(INPUT_NAME, ov.PartialShape(shape))])
-    except Exception as e:
-        raise ModelError(f"OpenVINO conversion failed: {str(e).strip().splitlines()[0][:300]}", hint="check the ONNX model with onnx.checker and the OpenVINO release notes") from e
-    from ..runtimes.openvino import save_model
-
-    save_model(ovm, xml_path, compress_to_fp16=(profile.precision == "fp16"))
-    return {"seconds": time.perf_counter() - t0, "bytes": xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size}
-
-
 def model_files(profile: TargetProfile) -> list[str]:
-    """The files that make up an artifact of this profile's format."""
-    return ["model.onnx"] if profile.format == "onnx" else ["model.xml", "model.bin"]
+    """The files that make up an artifact of this profile's format (the runtime adapter knows)."""
+    from ..runtimes import adapter
+
+    return adapter(profile.runtime).model_files(profile)
 
 
 def run(model: nn.Module, example: torch.Tensor, profile: TargetProfile, out: Path) -> dict:
-    meta = export_onnx(model, example, out / "model.onnx", profile.opset, profile.batch)
-    meta["format"] = "onnx"
-    if profile.format == "openvino":
-        ovmeta = to_openvino(out / "model.onnx", out / "model.xml", profile, tuple(example.shape))
-        meta.update({"format": "openvino", "ov_seconds": ovmeta["seconds"], "bytes": ovmeta["bytes"]})
-    return meta
+    """Export through the profile's runtime adapter (ONNX, then IR, for the ONNX-based runtimes)."""
+    from ..runtimes import adapter
+
+    return adapter(profile.runtime).export(model, example, profile, out)

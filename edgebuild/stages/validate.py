@@ -27,12 +27,20 @@ VERSION = 1
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": None}
 
 
-def artifact_bytes(artifact: Path) -> int:
-    return sum(p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".xml", ".bin"))
+def artifact_bytes(artifact: Path, profile: TargetProfile) -> int:
+    """Size on disk of the artifact's model files (a folder such as .mlpackage counted whole)."""
+    from .export import model_files
+
+    total = 0
+    for name in model_files(profile):
+        p = artifact / name
+        files = [q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p] if p.is_file() else []
+        total += sum(q.stat().st_size for q in files)
+    return total
 
 
 def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray, yval: np.ndarray, ref_logits: np.ndarray, progress=None) -> dict:
-    size = artifact_bytes(artifact)
+    size = artifact_bytes(artifact, profile)
     reason = unavailable_reason(profile)
     host = {"hostname": socket.gethostname(), "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
     if reason:
