@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean bench example
+.PHONY: demo test test-fast venv clean bench example mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# plant each known bug in a copy of the tree and show the tests catch it (tests/mutants.py)
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 example: $(STAMP)
 	$(PY) examples/digits/make_example.py

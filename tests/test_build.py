@@ -58,18 +58,44 @@ def test_threads_change_reruns_only_validation(tiny_project, cli):
     assert not v["cached"] and "threads" in v["reason"]
 
 
-def test_corrupt_cache_entry_is_dropped_and_rebuilt(tiny_project, cli, monkeypatch, tmp_path):
+def test_corrupt_cache_entry_is_dropped_and_rebuilt(tiny_project, cli):
+    """The damaged entry is dropped with a warning and rebuilt whole (the same bytes: training
+    is deterministic); the other entries are reused; the next build is all cached, silently."""
+    import hashlib
     import os
+    import warnings
+    from pathlib import Path
+
+    def tree(d):
+        return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+                if p.is_file() and p.name != "entry.json"}
 
     code, _, _ = cli("build", tiny_project / "edgebuild.yaml")
     assert code == 0
-    cache = tmp_path / "c"
-    root = os.environ["EDGEBUILD_CACHE_DIR"]
-    entry = next((__import__("pathlib").Path(root) / "transfer").iterdir())
+    root = Path(os.environ["EDGEBUILD_CACHE_DIR"])
+    (entry,) = [p for p in (root / "transfer").iterdir() if not p.name.startswith(".")]
+    good = tree(entry)
+    bundle = tiny_project / "dist" / "tiny-x86-onnxruntime-fp32"
+    first_bundle = tree(bundle)
     (entry / "model.safetensors").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="corrupt"):
-        code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    with pytest.warns(UserWarning, match=f"cache entry transfer/{entry.name} is corrupt") as seen:
+        code, out, err = cli("build", tiny_project / "edgebuild.yaml", "--json")
     assert code == 0, err
+    assert [str(w.message) for w in seen if "corrupt" in str(w.message)] == [str(seen[0].message)]  # only that entry
+    plan = {(s["stage"], s["target"]): s["cached"] for s in json.loads(out)["plan"]}
+    assert plan == {("transfer", ""): False, ("export", "x86-onnxruntime-fp32"): True, ("validate", "x86-onnxruntime-fp32"): True}
+    rebuilt = tree(entry)
+    assert set(rebuilt) == set(good) and "model.safetensors" in good
+    assert {k: rebuilt[k] for k in good if k != "meta.json"} == {k: v for k, v in good.items() if k != "meta.json"}  # same bytes (meta.json holds timings)
+    meta = json.loads((entry / "entry.json").read_text())
+    assert meta["files"] == tree(entry)
+    assert {k: v for k, v in tree(bundle).items() if k not in ("manifest.json", "README.md")} == \
+        {k: v for k, v in first_bundle.items() if k not in ("manifest.json", "README.md")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="calibration set has only")
+        code, out, _ = cli("build", tiny_project / "edgebuild.yaml", "--json")
+    assert code == 0 and all(s["cached"] for s in json.loads(out)["plan"])
 
 
 def test_data_error_exit_2(tiny_project, cli):

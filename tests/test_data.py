@@ -102,9 +102,10 @@ def test_any_pillow_mode_decodes(tmp_path, mode):
 
 
 def test_16bit_scaled_not_clipped(tmp_path):
-    Image.fromarray(np.full((4, 4), 65535, "<u2")).save(tmp_path / "w.png")
+    # 32768 scales to round(32768 / 65535 * 255) = 128; clipping would give 255
+    Image.fromarray(np.full((4, 4), 32768, "<u2")).save(tmp_path / "w.png")
     x = load_image(tmp_path / "w.png", cfg(color="grayscale", input_size=(4, 4), mean=[0], std=[1]))
-    assert x.max() == pytest.approx(1.0)
+    assert np.all(x == np.float32(128) / np.float32(255))
 
 
 def test_calibration_subset_is_seeded_and_balanced():

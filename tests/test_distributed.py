@@ -162,3 +162,41 @@ def test_a_failing_rank_stops_every_rank(tmp_path, fail_rank):
     assert "ChildFailedError" in log  # torchrun's agent saw a worker fail and stopped the group
     assert not any((tmp_path / "out").glob("tiny-*"))
     assert not [p for p in (tmp_path / "cache").glob("transfer/*") if not p.name.startswith(".")]  # nothing cached
+
+
+SAME_WEIGHTS = """
+import hashlib, sys
+import numpy as np, torch
+from torch import nn
+from edgebuild import distributed
+from edgebuild.training import fit
+
+distributed.init()
+torch.manual_seed(0)
+m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+rng = np.random.default_rng(0)
+X = rng.standard_normal((64, 1, 8, 8)).astype(np.float32) * (1 + np.arange(64) % 5)[:, None, None, None].astype(np.float32)
+y = np.arange(64) % 3
+fit(m, m.parameters(), X, y, X[:8], y[:8], epochs=2, lr=0.05, batch_size=16, seed=0)
+state = m.state_dict()
+digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state))).hexdigest()
+with open(f"{sys.argv[1]}/rank{distributed.rank()}.txt", "w") as f:
+    f.write(f"{distributed.world_size()} {digest} {float(state['1.running_var'].sum())}")
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_ends_with_the_same_weights(tmp_path):
+    """README: 'every rank ends with the same weights' (BatchNorm statistics included, though
+    each rank normalised its own shard), checked on two real gloo processes."""
+    script = tmp_path / "same_weights.py"
+    script.write_text(SAME_WEIGHTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, log, _ = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script), str(out)],
+                        tmp_path, tmp_path / "cache", timeout=120)
+    assert code == 0, log
+    r0, r1 = ((out / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    assert r0[0] == r1[0] == "2"
+    assert r0[1] == r1[1], (r0, r1)

@@ -56,13 +56,33 @@ def test_same_seed_same_weights(tiny_project, tmp_path):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
-def test_warmup_epochs_recorded(tiny_project):
+def test_warmup_epochs_recorded(tiny_project, monkeypatch):
+    """Warm-up trains the head only: right after it the backbone's weights are still the
+    pretrained ones and the head's are not; the fine-tuning after it moves the backbone."""
+    from safetensors.torch import load_file
+
     cfg = load_build_config(write_config(tiny_project, extra="", epochs=1))
     cfg.transfer.warmup_epochs = 1
     out = tiny_project / "o"
     out.mkdir()
+    after_fit = []
+    real_fit = transfer.fit
+
+    def recording_fit(model, *a, **k):  # the real fit; a copy of the weights after each call
+        r = real_fit(model, *a, **k)
+        after_fit.append((k.get("label"), {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return r
+
+    monkeypatch.setattr(transfer, "fit", recording_fit)
     meta = transfer.run(cfg, Build(cfg).data(), out, progress=None)
     assert [h.get("phase") for h in meta["history"]] == ["warmup", None]
+    assert [label for label, _ in after_fit] == ["transfer (head warm-up)", "transfer (finetune)"]
+    pre = load_file(str(cfg.resolve(cfg.backbone.weights)))
+    warm, final = after_fit[0][1], after_fit[1][1]
+    backbone = [n for n in warm if not n.startswith("fc.")]
+    assert backbone and all(torch.equal(warm[n], pre[n]) for n in backbone), "the backbone moved during warm-up"
+    assert any(not torch.equal(final[n], pre[n]) for n in backbone)  # fine-tuning trains it
+    assert all(p.requires_grad for p in transfer.load_model(cfg, out).parameters())
 
 
 def test_features_mode_refuses_head_that_is_not_last(tiny_project):
