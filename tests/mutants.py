@@ -9,6 +9,7 @@ copy, and the file is restored. A mutant is caught when those tests fail.
     python tests/mutants.py            # all
     python tests/mutants.py G1 C3      # some
     python tests/mutants.py --list
+    python tests/mutants.py --check    # only check that every snippet still applies
 
 Exit status: 0 when every mutant was caught and the unmutated baseline passes; 1 otherwise.
 
@@ -119,9 +120,12 @@ MUTANTS = [
     ("V3", "parity gate never checked", "edgebuild/stages/validate.py",
      "tol = PARITY_TOLERANCE.get(precision)", 'tol = PARITY_TOLERANCE.get("int8")',
      [f"{CLAIMS}::test_gates_fail_on_accuracy_drop_agreement_and_parity"]),
-    ("B1", "budget merge: the build file overrides instead of the stricter winning", "edgebuild/stages/validate.py",
-     'out[key] = max(vals) if key.startswith("min_") else min(vals)', "out[key] = vals[-1]",
-     [f"{CLAIMS}::test_budget_merge_rule_stricter_wins"]),
+    ("B1", "budgets: the profile default wins over the build file (helper 14's rule on main: the build file wins)", "edgebuild/budgets.py",
+     'out[key] = {"value": b, "source": f"{BUILD} (profile default {p:g})"}', 'out[key] = {"value": p, "source": f"{BUILD} (profile default {p:g})"}',
+     ["tests/test_budgets.py::test_build_file_loosens_a_profile_default"]),
+    ("B2", "budgets: a hard device limit can be loosened by the build file", "edgebuild/budgets.py",
+     "elif key in hard and _stricter(key, p, b) == p and p != b:", "elif False:",
+     ["tests/test_budgets.py::test_hard_device_limit_is_tightened_never_loosened"]),
     # ---- runtimes
     ("O1", "OpenVINO inference precision not set (this host would run bf16)", "edgebuild/runtimes/openvino.py",
      'config = {"INFERENCE_PRECISION_HINT": prec, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}',
@@ -171,6 +175,8 @@ def main(argv: list[str]) -> int:
         for m in MUTANTS:
             print(f"{m[0]:<4} {m[1]}  [{m[2]}]")
         return 0
+    check_only = "--check" in argv
+    argv = [a for a in argv if a != "--check"]
     chosen = [m for m in MUTANTS if not argv or m[0] in argv]
     with tempfile.TemporaryDirectory(prefix="edgebuild-mutants-") as tmp:
         tree = Path(tmp) / "tree"
@@ -186,6 +192,9 @@ def main(argv: list[str]) -> int:
             if n != 1:
                 print(f"{mid}: mutant does not apply: {rel} has the snippet {n} times (the code moved; refresh the record)\n  {old!r}")
                 return 1
+        if check_only:
+            print(f"all {len(chosen)} mutants apply")
+            return 0
         tests = sorted({t for m in chosen for t in m[5]})
         ok, secs, log = run_tests(tree, tests)
         print(f"baseline (no mutant): {len(tests)} tests {'pass' if ok else 'FAIL'} in {secs:.0f} s")
