@@ -192,7 +192,7 @@ def test_openvino_fp16_and_int8_run_precision(tmp_path):
     import openvino as ov
 
     from edgebuild.runtimes import open_runner
-    from edgebuild.stages import quantize as quantize_stage
+    from edgebuild.runtimes.openvino import quantize_openvino
 
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     prof16, d16 = _ov_model(tmp_path, "x86-openvino-fp16")
@@ -205,7 +205,7 @@ def test_openvino_fp16_and_int8_run_precision(tmp_path):
     q = tmp_path / "q"
     q.mkdir()
     calib = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
-    quantize_stage.quantize_openvino(d8 / "model.xml", q / "model.xml", calib, prof8)
+    quantize_openvino(d8 / "model.xml", q / "model.xml", calib, prof8)
     assert any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(q / "model.xml")).get_ordered_ops())
     r = open_runner(prof8, q, "int8")
     assert r.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32" == r.settings["inference_precision"]
