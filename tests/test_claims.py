@@ -232,3 +232,29 @@ def test_report_path_taken_by_a_folder_is_exit_2(tiny_project, cli):
     code, out, err = cli("build", tiny_project / "edgebuild.yaml")
     assert code == 2 and "Is a directory" in err and "report.json" in err.split("Is a directory")[0]
     assert "hint: " in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ CI: a missing tool fails under CI=true
+def _run_require_tools(tmp_path: Path, ci: str | None, tools: tuple[str, ...]):
+    """.ci/require-tools with a PATH holding only bash and the given tools (no apt-get, so
+    nothing is installed)."""
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    bin_dir = tmp_path / f"bin-{ci}-{len(tools)}"
+    bin_dir.mkdir()
+    for t in ("bash", *tools):
+        (bin_dir / t).symlink_to(shutil.which(t) or "/bin/true")
+    env = {"PATH": str(bin_dir)} | ({"CI": ci} if ci is not None else {})
+    return subprocess.run([shutil.which("bash"), str(REPO / ".ci" / "require-tools")], env=env, capture_output=True, text=True)
+
+
+def test_ci_fails_when_a_required_tool_is_missing(tmp_path):
+    r = _run_require_tools(tmp_path, "true", ("cmake", "g++"))
+    assert r.returncode == 1 and "error: required tool(s) missing: chromium" in r.stderr and "hint: " in r.stderr
+    r = _run_require_tools(tmp_path, None, ("cmake", "g++"))
+    assert r.returncode == 0 and "warning: missing chromium" in r.stderr
+    r = _run_require_tools(tmp_path, "true", ("chromium", "cmake", "g++"))
+    assert r.returncode == 0 and r.stderr == ""
