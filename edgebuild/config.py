@@ -7,16 +7,17 @@ Relative paths in the build file resolve against the build file's folder.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, closest, did_you_mean
+from .loaders import read_yaml as _read_yaml  # noqa: F401 - profiles.py reads profiles with it
 
 
 def _number(v: Any) -> Any:
@@ -31,6 +32,23 @@ def _number(v: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_number)]
 Float = Annotated[float, BeforeValidator(_number)]
+
+
+MIN_STD = 1e-3
+MAX_BATCH = 4096  # the exporter's largest dynamic batch, too
+MAX_INPUT_BYTES = 1 << 30  # one model input (batch x channels x height x width float32)
+MIN_OPSET = 14  # the ONNX exporter turns a lower opset into 18 without saying so
+
+
+@functools.lru_cache(maxsize=1)
+def max_opset() -> int:
+    """The newest ONNX opset the installed onnx knows (the exporter silently writes 18 above it)."""
+    try:
+        import onnx.defs
+
+        return int(onnx.defs.onnx_opset_version())
+    except ImportError:  # pragma: no cover - onnx is a dependency
+        return 18
 
 
 class _Strict(BaseModel):
@@ -81,8 +99,17 @@ class PreprocessConfig(_Strict):
     @field_validator("std")
     @classmethod
     def _std(cls, v: list[float]) -> list[float]:
-        if any(s <= 0 for s in v):
-            raise ValueError("every std must be > 0")
+        # pixels are scaled to [0, 1] first: a std under 1e-3 (1e-300 underflows float32 to 0)
+        # only turns images into inf/NaN, found late in training with an unrelated message
+        if any(not (MIN_STD <= s <= 1000) for s in v):
+            raise ValueError(f"every std must be between {MIN_STD} and 1000 (pixels are scaled to 0..1 first)")
+        return v
+
+    @field_validator("mean")
+    @classmethod
+    def _mean(cls, v: list[float]) -> list[float]:
+        if any(abs(m) > 1000 for m in v):
+            raise ValueError("every mean must be between -1000 and 1000 (pixels are scaled to 0..1 first)")
         return v
 
     @property
@@ -141,7 +168,7 @@ class Budgets(_Strict):
 
 class BuildConfig(_Strict):
     name: str = Field(min_length=1, max_length=100)
-    version: str = "0.1.0"
+    version: str = Field("0.1.0", min_length=1, max_length=100)
     seed: Int = Field(0, ge=0, le=2**32 - 1)
     backbone: BackboneConfig
     data: DataConfig
@@ -196,7 +223,7 @@ class TargetProfile(_Strict):
     arch: Literal["x86_64", "aarch64", "armv7l", "any"] = "x86_64"
     format: Literal["onnx", "openvino"] = "onnx"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    opset: Int = Field(18, ge=7, le=30)
+    opset: Int = Field(18, ge=MIN_OPSET, le=99)
     batch: Union[Int, Literal["dynamic"]] = 1
     threads: Int = Field(0, ge=0, le=1024, description="0 = runtime default")
     align: Int = Field(8, ge=1, le=256, description="pruned channel counts are rounded to multiples of this")
@@ -217,8 +244,16 @@ class TargetProfile(_Strict):
     @field_validator("batch")
     @classmethod
     def _batch(cls, v: Union[int, str]) -> Union[int, str]:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("batch must be >= 1 or 'dynamic'")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH:
+            raise ValueError(f"batch must be between 1 and {MAX_BATCH}, or 'dynamic'")
+        return v
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, v: int) -> int:
+        top = max_opset()
+        if v > top:
+            raise ValueError(f"the installed ONNX exporter writes opsets {MIN_OPSET} to {top}")
         return v
 
     @model_validator(mode="after")
@@ -235,45 +270,6 @@ class TargetProfile(_Strict):
 # ----------------------------------------------------------------------------------------------
 # Loading and error formatting
 # ----------------------------------------------------------------------------------------------
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"{what} not found: {path}", hint="check the path (relative paths resolve against the current folder)")
-    if path.is_dir():
-        raise ConfigError(f"{what} is a folder, not a file: {path}", hint="pass the YAML file itself")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint="save the file as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})", hint="check the file's permissions") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as e:
-        # !!python/object and other tags: safe_load never builds them; say so plainly
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        tag = re.search(r"tag '([^']*)'", str(e))
-        raise ConfigError(
-            f"{path}:{where} refused: YAML tag {tag.group(1) if tag else '(unknown)'!r} is not allowed",
-            hint=f"a {what} is plain YAML (mappings, lists, strings, numbers); remove the '!' tag",
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}", hint="fix the YAML syntax at that line") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: the YAML is nested too deeply to read", hint=f"a {what} is a shallow mapping; see the README") from None
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty", hint=f"a {what} is a YAML mapping; see the README for an example")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a YAML mapping at the top, got {type(data).__name__}",
-            hint=f"a {what} is a mapping of keys such as 'name:' and 'backbone:'",
-        )
-    return data
 
 
 def _model_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:

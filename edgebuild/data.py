@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from .cache import sha256_file  # noqa: F401 - re-exported: one file hash for the project
 from .config import PreprocessConfig
 from .errors import DataError
+from .files import check_path
+from .preprocess import FORMATS, open_image
 from .preprocess import preprocess as _preprocess
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -45,7 +48,7 @@ def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below with a clear error
-            img = Image.open(path)
+            img = open_image(path)  # only FORMATS, decoded in-process
         with img:
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise DataError(
@@ -57,7 +60,8 @@ def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read", hint="remove the file or replace it with a valid image") from None
+        raise DataError(f"{path}: not an image in a format edgebuild decodes (allowed: {', '.join(FORMATS)})",
+                        hint="convert the image to PNG or JPEG, or remove it") from None
     except Image.DecompressionBombError as e:
         import re
 
@@ -67,8 +71,9 @@ def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
             f"{path}: refused: the image claims {claimed}, over the limit of {MAX_PIXELS} (a decompression bomb?)",
             hint="downscale the image before adding it to the dataset, or remove it",
         ) from None
-    except (OSError, SyntaxError, ValueError, MemoryError, EOFError) as e:
-        raise DataError(f"{path}: corrupt or unreadable image ({e})", hint="remove the file or re-export it") from None
+    except (Exception, MemoryError) as e:  # noqa: BLE001 - a decoder's failure on untrusted bytes is bad input
+        raise DataError(f"{path}: corrupt or unreadable image ({' '.join(str(e).split())[:200] or type(e).__name__})",
+                        hint="remove the file or re-export it") from None
 
 
 @dataclass
@@ -88,32 +93,38 @@ class ImageFolder:
         return counts
 
 
+def shown(name: str) -> str:
+    """A label as it can be told apart from look-alikes: plain when ASCII, else with escapes."""
+    return name if name.isascii() and name.isprintable() else ascii(name)
+
+
 def _check_label(name: str, root: Path) -> None:
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise DataError(f"{root}: class folder name {name!r} contains control characters", hint="rename the folder; labels are written one per line")
+    """Labels are written one per line (labels.txt) and read back with str.splitlines(), which
+    also splits on U+0085, U+2028, U+2029, \\x1c-\\x1e, \\v and \\f: refuse every one of them,
+    every other control character and undecodable bytes (lone surrogates)."""
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or len(("a" + ch + "a").splitlines()) > 1 for ch in name):
+        raise DataError(f"{root}: class folder name {ascii(name)} contains control characters, line separators or undecodable bytes",
+                        hint="rename the folder; labels are written one per line")
     if name != name.strip():
         raise DataError(f"{root}: class folder name {name!r} has leading or trailing spaces", hint="rename the folder")
 
 
+def _check_lookalikes(classes: list[str], root: Path) -> None:
+    """Two class folders whose names are equal after Unicode normalisation (NFKC: 'é' as one
+    code point or as e + a combining accent, 'ﬁ' and 'fi') would print as the same label."""
+    seen: dict[str, str] = {}
+    for c in classes:
+        key = unicodedata.normalize("NFKC", c)
+        if key in seen:
+            raise DataError(f"{root}: class folders {shown(seen[key])} and {shown(c)} are the same name after Unicode normalisation",
+                            hint="rename one of them; labels must be told apart when printed")
+        seen[key] = c
+
+
 def _check_regular(p: Path) -> None:
-    """Refuse what cannot be read as an image file: broken links, link loops, fifos, devices.
-
-    (A fifo would block the build forever; a broken link is a file that is not there.)"""
-    import errno
-    import stat
-
-    try:
-        st = os.stat(p)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise DataError(f"{p}: symbolic link loop", hint="remove the symbolic link or point it at an image") from None
-        if os.path.islink(p):
-            raise DataError(f"{p}: broken symbolic link (points to {os.readlink(p)!r}, which does not exist)",
-                            hint="remove the link or restore the file it points to") from None
-        raise DataError(f"{p}: cannot read ({e.strerror})", hint="check the file and its permissions") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device or special file"
-        raise DataError(f"{p}: not a regular file (a {kind})", hint="class folders may hold image files only; remove it")
+    """Refuse what cannot be read as an image file: broken links, link loops, fifos, devices
+    (a fifo would block the build forever; a broken link is a file that is not there)."""
+    check_path(p, "image file", DataError, hint="class folders may hold image files only; remove it")
 
 
 def scan_folder(root: Path, what: str) -> ImageFolder:
@@ -129,10 +140,12 @@ def scan_folder(root: Path, what: str) -> ImageFolder:
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     if not classes:
         raise DataError(f"{root}: no class sub-folders", hint="put the images in one sub-folder per class; folder names are the labels")
+    for cls in classes:
+        _check_label(cls, root)
+    _check_lookalikes(classes, root)
     files: list[Path] = []
     targets: list[int] = []
     for idx, cls in enumerate(classes):
-        _check_label(cls, root)
         cdir = root / cls
         found = []
         seen_dirs = set()
@@ -172,16 +185,32 @@ def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
         only_val = sorted(set(val.classes) - set(train.classes))
         parts = []
         if only_train:
-            parts.append(f"only in train: {', '.join(only_train)}")
+            parts.append(f"only in train: {', '.join(map(shown, only_train))}")
         if only_val:
-            parts.append(f"only in val: {', '.join(only_val)}")
+            parts.append(f"only in val: {', '.join(map(shown, only_val))}")
+        norm = {unicodedata.normalize("NFKC", c) for c in only_train} & {unicodedata.normalize("NFKC", c) for c in only_val}
+        if norm:
+            parts.append("names that differ only in Unicode normalisation are different classes")
         raise DataError(
             f"train and val have different classes ({'; '.join(parts)})",
             hint="give train and val the same class sub-folders",
         )
 
 
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
 def load_arrays(folder: ImageFolder, cfg: PreprocessConfig, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    h, w = cfg.input_size
+    need = len(folder) * cfg.channels * h * w * 4 * 2  # the images, and the stacked array
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise DataError(f"{folder.root}: {len(folder)} images at {cfg.channels} x {h} x {w} float32 need {need / 2**30:.1f} GiB; "
+                        f"{avail / 2**30:.1f} GiB of memory is free", hint="lower 'preprocess.input_size' or use fewer images")
     xs = []
     for i, f in enumerate(folder.files):
         xs.append(load_image(f, cfg))

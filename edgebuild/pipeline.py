@@ -33,7 +33,7 @@ from .data import (
 )
 from . import manifest as manifest_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
-from .profiles import ProfileRegistry, unavailable_reason
+from .profiles import ProfileRegistry, check_input_fits, unavailable_reason
 from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
@@ -123,6 +123,7 @@ class Build:
         self.profiles: dict[str, TargetProfile] = {}
         for n in names:
             self.profiles[n] = self.registry.get(n)
+            check_input_fits(self.profiles[n], cfg.preprocess, self.registry.files.get(n))
         self._data: Optional[Data] = None
         self._models: dict[str, Any] = {}
         self.stage_times: dict[str, float] = {}

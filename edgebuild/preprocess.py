@@ -6,6 +6,17 @@
 import numpy as np
 from PIL import Image, ImageOps
 
+# The only formats ever decoded, all in-process. Pillow would otherwise pick a decoder from the
+# file's content whatever its name: PostScript in a ".png" runs Ghostscript, and some rarely
+# used formats raise exceptions nobody expects.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
+def open_image(fp):
+    """Image.open limited to FORMATS (anything else raises PIL.UnidentifiedImageError)."""
+    Image.init()  # registers every format's opener (a name not yet registered is a KeyError)
+    return Image.open(fp, formats=FORMATS)
+
 
 def to_mode(img, color):
     """Decode any Pillow mode (palette, RGBA, 16-bit, CMYK, ...) to 'L' or 'RGB'."""
@@ -73,6 +84,6 @@ def preprocess(img, input_size, color, resize_mode, mean, std):
 
 
 def load_image(path, input_size, color, resize_mode, mean, std):
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         return preprocess(img, input_size, color, resize_mode, mean, std)

@@ -67,6 +67,20 @@ class ProfileRegistry:
             raise format_validation_error(e, self.files[name], TargetProfile) from None
 
 
+def check_input_fits(profile: TargetProfile, preprocess, path: Path | None) -> None:
+    """One model input (the profile's batch, the build's input size) must fit in memory: a batch
+    of 10^9 would otherwise try to allocate terabytes at export."""
+    from .config import MAX_INPUT_BYTES
+
+    batch = profile.batch if isinstance(profile.batch, int) else 1
+    h, w = preprocess.input_size
+    size = batch * preprocess.channels * h * w * 4
+    if size > MAX_INPUT_BYTES:
+        raise ConfigError(f"{path or profile.name}: target '{profile.name}': one input of batch {batch} x {preprocess.channels} x {h} x {w} "
+                          f"float32 is {size / 2**30:.1f} GiB, over the limit of {MAX_INPUT_BYTES / 2**30:.0f} GiB",
+                          hint="lower 'batch' in the target profile or 'preprocess.input_size' in the build file")
+
+
 def host_arch() -> str:
     m = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)

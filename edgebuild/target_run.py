@@ -75,6 +75,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     bdir.mkdir()
     manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
                                            reproducible=b.reproducible)
+    manifest["model"]["opset"] = export_stage.opset_of(artifact, edir)  # what was produced, not what was asked
     bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
     stage_row = {"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
                  "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],

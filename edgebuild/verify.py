@@ -18,6 +18,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from .errors import BundleError
+from .files import check_path
+from .loaders import loads_json
 
 SCHEMAS = ("edgebuild.bundle/1",)
 MAX_MEMBER_BYTES = 4 << 30
@@ -64,16 +66,7 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 def _regular_file(p: Path, where: str, what: str) -> None:
     """Refuse links and special files before opening them (a fifo would block forever)."""
-    import stat
-
-    try:
-        st = os.lstat(p)
-    except OSError as e:
-        raise BundleError(f"{where}: cannot read {what} ({e.strerror})", hint="check the path and its permissions") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise BundleError(f"{where}: {what} is a symbolic link", hint="bundles contain plain files only")
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{where}: {what} is not a regular file", hint="bundles contain plain files only")
+    check_path(p, f"{where}: {what}", BundleError, follow=False, hint="bundles contain plain files only")
 
 
 def _sha(data_iter) -> str:
@@ -91,7 +84,7 @@ def _verify_dir(path: Path) -> dict:
     try:
         if mf.stat().st_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{mf}: {mf.stat().st_size} bytes, too large for a manifest", hint="the bundle is damaged or not an edgebuild bundle")
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        manifest = loads_json(mf.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{mf}: not valid JSON ({_one_line(e)})", hint="the bundle is damaged; rebuild it") from None
     except OSError as e:
@@ -199,7 +192,7 @@ def _verify_archive(path: Path) -> dict:
     if manifest_bytes is None:
         raise BundleError(f"{where}: no manifest.json in the archive", hint="this is not an edgebuild bundle")
     try:
-        manifest = json.loads(manifest_bytes.decode("utf-8"))
+        manifest = loads_json(manifest_bytes.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{where}: manifest.json is not valid JSON ({_one_line(e)})", hint="the bundle is damaged; rebuild it") from None
     _check_manifest(manifest, where)
@@ -209,19 +202,54 @@ def _verify_archive(path: Path) -> dict:
 
 def verify_bundle(path: Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise BundleError(f"bundle not found: {path}", hint="give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz")
-    if path.is_dir():
-        return _verify_dir(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: not a regular file or folder", hint="give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz")
-    return _verify_archive(path)
+    if os.path.isdir(path):  # dist/NAME-TARGET may be a link into the published generation
+        return _verify_dir(Path(os.path.realpath(path)))
+    hint = "give a bundle folder (dist/NAME-TARGET) or NAME-TARGET.tar.gz"
+    if not os.path.lexists(path):
+        raise BundleError(f"bundle not found: {path}", hint=hint)
+    check_path(path, "bundle", BundleError, hint=hint)  # "not a regular file (a fifo)" ...
+    return _verify_archive(Path(os.path.realpath(path)))
+
+
+def _manifest_profile(manifest: dict, where: str):
+    """The manifest's target profile, checked against the model it lists: an edited runtime,
+    format or file list is refused here instead of failing inside the runtime."""
+    from pydantic import ValidationError
+
+    from .config import TargetProfile
+    from .stages.export import model_files
+
+    try:
+        prof = TargetProfile.model_validate(manifest.get("target"))
+    except ValidationError as e:
+        raise BundleError(f"{where}: manifest 'target' is not a valid target profile ({_one_line(e)})",
+                          hint="the bundle is damaged or from another edgebuild version") from None
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise BundleError(f"{where}: manifest has no 'model' section", hint="the bundle is damaged; rebuild it")
+    want = model_files(prof)
+    problems = []
+    if model.get("format") != prof.format:
+        problems.append(f"model.format {model.get('format')!r} but target format {prof.format!r} (runtime {prof.runtime})")
+    if model.get("files") != want:
+        problems.append(f"model.files {model.get('files')!r} but a {prof.format} model is {want}")
+    missing = [f for f in want if f not in manifest["files"]]
+    if missing:
+        problems.append(f"no {', '.join(missing)} in the bundle")
+    if model.get("precision") not in ("fp32", "fp16", "int8"):
+        problems.append(f"model.precision {model.get('precision')!r}")
+    if problems:
+        raise BundleError(f"{where}: manifest disagrees with its model: {'; '.join(problems)}",
+                          hint="the manifest was edited after the build; do not deploy it, rebuild the bundle")
+    return prof
 
 
 def validate_bundle(path: Path) -> dict:
     """Verify, then run the bundle's own ``infer.py --selftest`` and a latency benchmark here."""
     import numpy as np
 
+    if os.path.isdir(path):  # one generation of dist/, even if dist/ flips to a newer one meanwhile
+        path = Path(os.path.realpath(path))
     info = verify_bundle(path)
     manifest = info["manifest"]
     with tempfile.TemporaryDirectory(prefix="edgebuild-validate-") as tmp:
@@ -244,26 +272,27 @@ def validate_bundle(path: Path) -> dict:
             except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
                 raise BundleError(f"{path}: not a readable bundle archive ({_one_line(e)})", hint="the archive is damaged or truncated; download it again") from None
             manifest = _verify_dir(folder)["manifest"]  # what runs is exactly what was verified
-        proc = subprocess.run([sys.executable, str(folder / "infer.py"), "--selftest"], capture_output=True, text=True, timeout=600)
+        _manifest_profile(manifest, str(path))  # the manifest agrees with the files before anything runs
+        try:
+            proc = subprocess.run([sys.executable, str(folder / "infer.py"), "--selftest"], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise BundleError(f"{path}: the bundle's self-test did not finish in 600 s", hint="run 'python infer.py --selftest' in the bundle to see why") from None
         out = {"selftest": "passed" if proc.returncode == 0 else "FAILED", "selftest_output": (proc.stdout + proc.stderr).strip()}
-        from .config import TargetProfile
         from .profiles import unavailable_reason
         from .runtimes import open_runner
 
-        from pydantic import ValidationError
-
-        try:
-            prof = TargetProfile.model_validate(manifest.get("target"))
-        except ValidationError as e:
-            raise BundleError(f"{path}: manifest 'target' is not a valid target profile ({_one_line(e)})",
-                              hint="the bundle is damaged or from another edgebuild version") from None
+        prof = _manifest_profile(manifest, str(path))
         reason = unavailable_reason(prof)
         if reason:
             out["benchmark"] = None
             out["benchmark_reason"] = f"not run: {reason}"
         elif proc.returncode == 0:
-            x = np.load(folder / "selftest.npz")["inputs"][:1]
-            out["benchmark"] = open_runner(prof, folder).benchmark(x)
+            try:
+                x = np.load(folder / "selftest.npz", allow_pickle=False)["inputs"][:1]
+                out["benchmark"] = open_runner(prof, folder).benchmark(x)
+            except Exception as e:  # noqa: BLE001 - the runtime refused what the manifest describes
+                raise BundleError(f"{path}: {prof.runtime} cannot run the bundle's model as its manifest describes it ({_one_line(e)})",
+                                  hint="the manifest or the model was edited after the build; rebuild the bundle") from None
         metrics = manifest.get("metrics")
         out["build_p50_ms"] = metrics.get("latency_p50_ms") if isinstance(metrics, dict) else None
     return out

@@ -177,7 +177,26 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
     if data_files:
         raise ModelError("ONNX export wrote external data files; edgebuild expects one self-contained file", hint="models over 2 GB are not supported yet")
     opset_used = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if opset_used != opset:  # the exporter rewrites opsets it cannot target without an error
+        raise ModelError(f"the ONNX exporter wrote opset {opset_used}, not the requested opset {opset}",
+                         hint=f"set 'opset: {opset_used}' in the target profile")
     return {"seconds": seconds, "opset": int(opset_used), "opset_requested": int(opset), "bytes": path.stat().st_size}
+
+
+def opset_of(artifact: Path, export_dir: Path) -> int | None:
+    """The ONNX opset of what ships: read from the artifact's model.onnx, or (OpenVINO) from the
+    export stage's record of the ONNX model it was converted from."""
+    import json
+
+    import onnx
+
+    if (artifact / "model.onnx").is_file():
+        m = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+        return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    try:
+        return int(json.loads((export_dir / "meta.json").read_text())["opset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def model_files(profile: TargetProfile) -> list[str]:
