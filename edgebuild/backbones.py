@@ -42,8 +42,9 @@ def _python_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise ModelError(f"backbone file not found: {path}", hint="paths in 'backbone.source' resolve against the build file's folder")
-        # a stable name: it ends up in exported graphs' metadata, which must be reproducible
-        mod_name = "edgebuild_user_" + hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        # a name from the file's content, not its path: the same project in another folder gives
+        # the same module (and class) names wherever they are recorded
+        mod_name = "edgebuild_user_" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module

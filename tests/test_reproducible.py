@@ -2,10 +2,11 @@
 
 import hashlib
 import json
+import sys
 
 import pytest
 
-from conftest import write_config
+from conftest import make_tiny_project, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +17,18 @@ def digests(folder):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_cold_builds_are_byte_identical(tiny_project, cli, tmp_path, monkeypatch):
-    write_config(tiny_project, targets=TARGETS)
-    outs = []
-    for i in range(2):
+def test_cold_builds_from_two_folders_are_byte_identical(tmp_path, cli, monkeypatch):
+    """The same project in two different folders, each with a cold cache: every target's
+    archive has the same bytes, and no shipped file names the folder or the user module."""
+    outs, roots = [], []
+    for i, where in enumerate(("a", "somewhere/else/b")):
+        root = make_tiny_project(tmp_path / where)
+        write_config(root, targets=TARGETS)
         monkeypatch.setenv("EDGEBUILD_CACHE_DIR", str(tmp_path / f"cold-cache-{i}"))
-        out = tmp_path / f"dist{i}"
-        code, _, err = cli("build", tiny_project / "edgebuild.yaml", "-o", out, "--reproducible")
+        code, _, err = cli("build", root / "edgebuild.yaml", "--reproducible")
         assert code == 0, err
-        outs.append(out)
+        outs.append(root / "dist")
+        roots.append(root)
     for t in ("x86-onnxruntime-fp32", "x86-onnxruntime-int8", "x86-openvino-int8"):
         name = f"tiny-{t}"
         a, b = digests(outs[0] / name), digests(outs[1] / name)
@@ -34,6 +38,11 @@ def test_cold_builds_are_byte_identical(tiny_project, cli, tmp_path, monkeypatch
         m = json.loads((outs[0] / name / "manifest.json").read_text())
         assert "latency_p50_ms" not in m["metrics"] and "reproducible" in m["metrics"]["timings"]
         assert m["metrics"]["accuracy"] is not None  # deterministic figures stay
+        for f in sorted((outs[1] / name).rglob("*")):
+            if f.is_file():
+                data = f.read_bytes()
+                for leak in (str(roots[1]).encode(), str(tmp_path).encode(), b"edgebuild_user_", sys.prefix.encode(), b"stack_trace"):
+                    assert leak not in data, (f.name, leak)
 
 
 def test_model_files_identical_without_the_flag(tiny_project, cli, tmp_path, monkeypatch):

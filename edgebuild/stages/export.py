@@ -24,7 +24,7 @@ from ..config import TargetProfile
 from ..errors import ModelError
 
 NAME = "export"
-VERSION = 2
+VERSION = 3  # 3: node metadata stripped (paths, module names)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -152,6 +152,38 @@ def export_error(model: nn.Module, x: torch.Tensor, err: BaseException) -> Model
     return ModelError(" ".join(parts) + f": {_first_line(err)}", hint=hint)
 
 
+def strip_metadata(m) -> None:
+    """Drop the exporter's per-node metadata and doc strings (in place): stack traces with
+    absolute paths, module and class names, FX node text. They leak the user's folder layout
+    and make the bytes depend on where the project lives; nothing at run time reads them."""
+
+    def graph(g) -> None:
+        g.doc_string = ""
+        del g.metadata_props[:]
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            v.doc_string = ""
+            del v.metadata_props[:]
+        for init in g.initializer:
+            del init.metadata_props[:]
+        for n in g.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+            for a in n.attribute:
+                if a.g is not None and a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    m.doc_string = ""
+    graph(m.graph)
+    for f in m.functions:
+        f.doc_string = ""
+        del f.metadata_props[:]
+        for n in f.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, batch) -> dict:
     model = model.cpu().eval()
     h_w_c = tuple(example.shape[1:])
@@ -169,6 +201,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
     import onnx
 
     m = onnx.load(str(path))
+    strip_metadata(m)
+    onnx.save(m, str(path))
     try:
         onnx.checker.check_model(m, full_check=True)
     except Exception as e:
