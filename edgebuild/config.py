@@ -149,8 +149,15 @@ class DistillConfig(_Strict):
     alpha: Float = Field(0.5, ge=0, le=1)
 
 
+class QATConfig(_Strict):
+    epochs: Int = Field(3, ge=0, le=10000)
+    lr: Optional[Float] = Field(None, gt=0, le=10, description="default: transfer.lr / 10")
+    enabled: bool = Field(True, description="false: the accuracy guard never tries QAT (method: qat still does)")
+
+
 class QuantizeConfig(_Strict):
     calibration_samples: Int = Field(300, ge=1, le=100000)
+    qat: QATConfig = Field(default_factory=QATConfig)
 
 
 class CompressConfig(_Strict):
@@ -207,7 +214,7 @@ class BuildConfig(_Strict):
 
 
 class QuantizationScheme(_Strict):
-    method: Literal["static"] = "static"
+    method: Literal["static", "qat"] = Field("static", description="static: post-training; qat: quantization-aware training (NNCF)")
     format: Literal["qdq"] = "qdq"
     per_channel: bool = True
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"

@@ -32,6 +32,7 @@ from .data import (
     sha256_file,
 )
 from . import manifest as manifest_mod
+from . import qat as qat_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
 from .profiles import ProfileRegistry, check_input_fits, unavailable_reason
 from .runtimes import adapter
@@ -203,6 +204,7 @@ class Build:
                            "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
                            "guard_baseline": transfer.key}
                 qinputs = {"model": export.key, "data": data.fingerprint, "tool": rt.versions()}
+                qat_mod.key_step(qparams, qinputs, cfg, prof, model_step.key)
                 artifact = _step(quantize_stage, name, qparams, qinputs)
                 steps.append(artifact)
             vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import budgets as budgets_mod
 from . import manifest as manifest_mod
+from . import qat as qat_mod
 from .config import TargetProfile
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
@@ -50,8 +51,9 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         calib = data.Xtrain[calib_idx]
 
         def do_quant(out):
+            qat = qat_mod.job(qstep.params.get("qat"), lambda: b._torch_model(mstep, mdir), example, data, b.cache.root, b.progress)
             meta = quantize_stage.run(prof, edir, out, calib, Xval=data.Xval, yval=data.yval, baseline_accuracy=fp32_acc,
-                                      max_accuracy_drop=qstep.params["max_accuracy_drop"], log=b.progress.log)
+                                      max_accuracy_drop=qstep.params["max_accuracy_drop"], log=b.progress.log, qat=qat)
             (out / "quantize.json").write_text(json.dumps(meta))
         artifact = b._stage(qstep, do_quant)
         precision_meta = json.loads((artifact / "quantize.json").read_text())

@@ -57,12 +57,24 @@ def host_accuracy(profile: TargetProfile, artifact: Path, precision: str, X: np.
     return float((logits.argmax(1) == y).mean()) if len(y) else 0.0
 
 
+def _attempts_plan(profile: TargetProfile, rt, qat=None) -> list[tuple[str, dict]]:
+    """The runtime's PTQ remedies in order, then quantization-aware training where the build can
+    train (``qat``, a :class:`edgebuild.qat.QATJob`); ``method: qat`` in the profile asks for QAT only."""
+    if profile.quantization.method == "qat":
+        if qat is None:
+            raise ModelError(f"{profile.name}: quantization method 'qat' needs the PyTorch model and training data",
+                             hint="build through edgebuild build, or use method: static")
+        return [(qat.label(), {"qat": True})]
+    return rt.quantize_plan(profile) + ([(qat.label(), {"qat": True})] if qat is not None else [])
+
+
 def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval: np.ndarray | None = None, yval: np.ndarray | None = None,
-        baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, log=None) -> dict:
+        baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, log=None, qat=None) -> dict:
     """Quantize ``src`` (the export entry) into ``out``; with a budget, guard its accuracy.
 
     ``baseline_accuracy`` is what the build's accuracy budget is measured against (the
-    transferred fp32 model). Returns quantize.json: every attempt, the decision and the
+    transferred fp32 model). ``qat`` (a :class:`edgebuild.qat.QATJob`) adds quantization-aware
+    training after the PTQ remedies, or replaces them with ``method: qat``. Returns quantize.json: every attempt, the decision and the
     effective precision of the artifact left in ``out``.
     """
     import shutil
@@ -76,7 +88,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
     fp32_acc = host_accuracy(profile, src, "fp32", Xval, yval) if not why_not else None
     base = baseline_accuracy if baseline_accuracy is not None else fp32_acc
     rt = adapter(profile.runtime)
-    plan = rt.quantize_plan(profile) if guard else [("plain", {})]
+    plan = _attempts_plan(profile, rt, qat) if guard or profile.quantization.method == "qat" else [("plain", {})]
     ac = None
     if guard and rt.accuracy_control:
         static = profile.batch if isinstance(profile.batch, int) else 1
@@ -100,7 +112,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
         adir.mkdir()
         rec = {"attempt": what}
         try:
-            info = rt.quantize(profile, src, adir, calib, opts, ac)
+            info = qat.run(profile, adir, calib) if opts.get("qat") else rt.quantize(profile, src, adir, calib, opts, ac)
             rec.update({k: v for k, v in info.items() if k != "seconds"}, seconds=round(info["seconds"], 3))
             if not why_not:
                 acc = host_accuracy(profile, adir, "int8", Xval, yval)
