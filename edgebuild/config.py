@@ -147,6 +147,16 @@ class PruneConfig(_Strict):
 class DistillConfig(_Strict):
     temperature: Float = Field(4.0, gt=0, le=100)
     alpha: Float = Field(0.5, ge=0, le=1)
+    student: Optional[str] = Field(None, description="a backbone source: the transferred model teaches this smaller model")
+    student_weights: Optional[str] = Field(None, description="the student's own starting weights (default: random init)")
+    student_classifier: Optional[str] = None
+    epochs: Optional[Int] = Field(None, ge=0, le=10000, description="student training epochs (default: transfer.epochs)")
+    lr: Optional[Float] = Field(None, gt=0, le=10, description="default: transfer.lr")
+
+    @field_validator("student")
+    @classmethod
+    def _student_source(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else BackboneConfig._known_scheme(v)
 
 
 class QATConfig(_Strict):

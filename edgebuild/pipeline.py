@@ -38,6 +38,7 @@ from .profiles import ProfileRegistry, check_input_fits, unavailable_reason
 from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
+from .stages import distill as distill_stage
 from .stages import export as export_stage
 from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
@@ -147,8 +148,8 @@ class Build:
             self._data = Data(train.classes, Xtr, ytr, Xva, yva, val.files, fp, train.class_counts(), val.class_counts())
         return self._data
 
-    def _backbone_inputs(self) -> dict:
-        cfg = self.cfg
+    def _backbone_inputs(self, cfg: Optional[BuildConfig] = None) -> dict:
+        cfg = cfg or self.cfg
         inputs = {}
         scheme, _, ref = cfg.backbone.source.partition(":")
         if scheme == "python":
@@ -175,8 +176,11 @@ class Build:
         tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,
                    "source": cfg.backbone.source, "classifier": cfg.backbone.classifier}
         tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
-        transfer = _step(transfer_stage, "", tparams, tinputs)
+        transfer = base = _step(transfer_stage, "", tparams, tinputs)
         steps.append(transfer)
+        if distill_stage.enabled(cfg):  # the transferred model teaches a student; everything after starts from it
+            base = _step(distill_stage, "", distill_stage.params(cfg), distill_stage.inputs(self, transfer.key))
+            steps.append(base)
         pc = cfg.compress.prune
         prune_steps: dict[int, Step] = {}
         if pc is not None and pc.ratio > 0:
@@ -186,11 +190,11 @@ class Build:
                 pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
                            "align": prof.align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
                            "weight_decay": cfg.transfer.weight_decay}
-                pinputs = {"model": transfer.key, "data": data.fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]}
+                pinputs = {"model": base.key, "data": data.fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]}
                 prune_steps[prof.align] = _step(prune_stage, "", pparams, pinputs)
                 steps.append(prune_steps[prof.align])
         for name, prof in self.profiles.items():
-            model_step = prune_steps.get(prof.align, transfer)
+            model_step = prune_steps.get(prof.align, base)
             eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
             rt = adapter(prof.runtime)
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
@@ -269,8 +273,8 @@ class Build:
 
     def _torch_model(self, step: Step, entry: Path):
         if step.key not in self._models:
-            loader = prune_stage.load_model if step.stage == "prune" else transfer_stage.load_model
-            self._models[step.key] = loader(self.cfg, entry)
+            loader = {"prune": prune_stage.load_model, "distill": distill_stage.load_model}.get(step.stage, transfer_stage.load_model)
+            self._models[step.key] = loader(distill_stage.student_config(self.cfg) if step.stage == "prune" else self.cfg, entry)  # a pruned student: the student's architecture
         return self._models[step.key]
 
     def run(self) -> BuildResult:
@@ -297,9 +301,11 @@ class Build:
         calib_idx = calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)
         # the model each target starts from: the transferred one, or its pruned version per align
         models: dict[str, dict] = {tstep.key: {"step": tstep, "dir": tdir, "meta": tmeta, "ref_logits": ref_logits}}
+        # the model pruning starts from: the transferred one or its student
+        bstep, bdir, bmeta = distill_stage.in_build(self, by, tstep, tdir, tmeta, models, example) if ("distill", "") in by else (tstep, tdir, tmeta)
         for pstep in (s for s in steps if s.stage == "prune"):
             def do_prune(out, pstep=pstep):
-                prune_stage.run(cfg, data, self._torch_model(tstep, tdir), tmeta, pstep.params["align"], out, self.progress, example)
+                prune_stage.run(cfg, data, self._torch_model(bstep, bdir), bmeta, pstep.params["align"], out, self.progress, example)
             pdir = self._stage(pstep, do_prune, shared=True)
             if not distributed.is_main():
                 continue
@@ -308,10 +314,11 @@ class Build:
         if distributed.end_of_training():
             return None  # a worker: training is over; the CLI waits for rank 0's exit status
         # the transfer model's latency is measured beside the pruned one's where there is one
-        tlat = next((m["meta"].get("host_latency_before") for k, m in models.items() if k != tstep.key), None)
+        tlat = bmeta["teacher"]["host_latency"] if bstep is not tstep else next((m["meta"].get("host_latency_before") for m in models.values() if m["step"] is not tstep), None)
         stage_rows = [self._stage_row("transfer", "", tstep, tdir, tmeta, example, tlat)]
-        stage_rows += [self._stage_row("prune", f"align {m['step'].params['align']}", m["step"], m["dir"], m["meta"], example)
-                       for k, m in models.items() if k != tstep.key]
+        stage_rows += [self._stage_row(m["step"].stage, f"align {m['step'].params['align']}" if m["step"].stage == "prune" else f"student {bmeta['student']}",
+                                       m["step"], m["dir"], m["meta"], example) for k, m in models.items() if k != tstep.key]
+        self.distillation = distill_stage.side_by_side(bmeta) if bstep is not tstep else None
 
         targets_report = {}
         gate_rows = []
@@ -328,7 +335,8 @@ class Build:
                 targets_report[name] = r.report
             report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
             report["stages"] = stage_rows
-            report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for k, m in models.items() if k != tstep.key} or None
+            report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for m in models.values() if m["step"].stage == "prune"} or None
+            report["distillation"] = self.distillation
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"

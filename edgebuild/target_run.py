@@ -78,6 +78,8 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
                                            reproducible=b.reproducible)
     manifest["model"]["opset"] = export_stage.opset_of(artifact, edir)  # what was produced, not what was asked
+    if getattr(b, "distillation", None):  # the bundle's model is a student: say whose
+        manifest["distillation"] = b.distillation
     bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
     stage_row = {"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
                  "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],
