@@ -73,9 +73,21 @@ def cli(ctx, verbose):
     if not verbose:
         import warnings
 
+        warnings.formatwarning = _short_warning  # "warning: ..." without the library's file and line
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript|nncf|openvino|transformers).*")
+
+
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def _verbose_first(argv: list[str]) -> list[str]:
+    """``-v``/``--verbose`` is a flag of the whole command: accept it anywhere before ``--``."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:cut] if a in ("-v", "--verbose")]
+    return flags[:1] + [a for a in argv[:cut] if a not in ("-v", "--verbose")] + argv[cut:]
 
 
 _ARGV: list[str] = []  # the command line main() got: --nproc re-runs it under torchrun
@@ -137,8 +149,9 @@ def _torchrun(f):
 @click.option("--reproducible", is_flag=True, default=None,
               help="leave host timings out of the bundles so the same inputs give byte-identical archives (implied by SOURCE_DATE_EPOCH)")
 @click.option("--nproc", type=click.IntRange(min=1), help="train on N processes on this machine (runs the build under torchrun)")
+@click.option("--dry-run", is_flag=True, help="print the plan (what is cached, what runs and why) and stop")
 @_torchrun
-def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible):
+def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
     from .config import load_build_config
@@ -146,11 +159,22 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
     from .progress import Progress
 
     t0 = time.perf_counter()
+    if not config.exists():
+        from .errors import ConfigError
+
+        where = "this folder" if config == Path("edgebuild.yaml") else str(config.parent)
+        raise ConfigError(f"no build file: {config} not found in {where}",
+                          hint="start one from your images with 'edgebuild init --data PATH' (see README 'Quick start'), or pass the build file: edgebuild build PATH/edgebuild.yaml")
     cfg = load_build_config(config)
     from . import distributed
 
     progress = Progress("quiet" if as_json or not distributed.is_main() else "auto")
     b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None)
+    if dry_run:
+        plan = b.dry_run()
+        if as_json:
+            click.echo(json.dumps({"name": cfg.name, "plan": plan}, indent=2))
+        return
     try:
         result = b.run()
     except GateFailed:
@@ -191,6 +215,21 @@ def _summary(report: dict, out: Path) -> None:
     if not console.is_terminal:
         console = Console(width=200)
     console.print(table)
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="image folder: class sub-folders, or train/ and val/ (and test/) folders of them; default: DIR/data")
+@click.option("--backbone", metavar="SOURCE", help="python:FILE.py:FUNC | hf:ID_OR_DIR | timm:NAME | torchvision:NAME; default: a small built-in CNN from scratch")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="pretrained weights (.safetensors or state-dict .pt)")
+@click.option("--target", "targets", multiple=True, metavar="NAME", help="target profile (repeatable); default: every profile this host can run")
+def init(directory, data, backbone, weights, targets):
+    """Write a commented edgebuild.yaml for the images in --data (never overwrites)."""
+    from .scaffold import init as scaffold
+
+    path = scaffold(directory, data, backbone, weights, list(targets))
+    click.echo(f"wrote {path}")
+    click.echo(f"next: edgebuild build {path if directory != Path('.') else ''}".rstrip() + "   (--dry-run shows the plan first)")
 
 
 @cli.group()
@@ -312,7 +351,7 @@ def cache_clear(cache_dir):
 def main(argv=None) -> int:
     _ARGV[:] = list(argv) if argv is not None else sys.argv[1:]
     try:
-        rv = cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
+        rv = cli.main(args=_verbose_first(list(_ARGV)), prog_name="edgebuild", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import __version__, distributed
-from .cache import Cache, make_key, stable_json, sweep_stale
+from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, TargetProfile
 from .data import (
     calibration_indices,
@@ -44,6 +44,8 @@ from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
+from .plan import Step, print_plan, plan_json, why
+from .plan import step as _step
 from .target_run import build_target
 
 @dataclass
@@ -57,39 +59,6 @@ class Data:
     fingerprint: str
     train_counts: dict
     val_counts: dict
-
-
-@dataclass
-class Step:
-    stage: str
-    target: str  # "" for shared stages
-    key: str
-    params: dict
-    inputs: dict
-    cached: bool = False
-    reason: str = ""
-    entry: Optional[Path] = None  # the cache entry the plan found (checked once, reused by _stage)
-
-
-def _step(stage, target: str, params: dict, inputs: dict) -> Step:
-    """A step of ``stage`` (a stages.* module) keyed by its name, version, params and inputs."""
-    return Step(stage.NAME, target, make_key(stage.NAME, stage.VERSION, params, inputs), params, inputs)
-
-
-def _changes(now: Any, before: Any, prefix: str, path: str = "") -> list[str]:
-    """Dotted paths of what differs between two JSON values, with both values when short:
-    ``transfer.lr 0.01 -> 0.02``."""
-    if isinstance(now, dict) and isinstance(before, dict):
-        out = []
-        for k in sorted(set(now) | set(before)):
-            out += _changes(now.get(k), before.get(k), prefix, f"{path}.{k}" if path else str(k))
-        return out
-    if now == before:
-        return []
-    a, b = stable_json(before), stable_json(now)
-    if len(a) + len(b) <= 40 and not (isinstance(now, str) and len(now) >= 32):
-        return [f"{prefix}{path} {a} -> {b}"]
-    return [f"{prefix}{path}"]
 
 
 def _gate_hint(failed: list[dict]) -> str:
@@ -216,39 +185,14 @@ class Build:
             vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
                        "runtime": rt.versions()}
             steps.append(_step(validate_stage, name, vparams, vinputs))
+        first: dict[tuple[str, str], str] = {}
         for s in steps:
+            s.same_as = first.setdefault((s.stage, s.key), s.target) if s.target else ""
+            s.same_as = "" if s.same_as == s.target else s.same_as
             s.entry = self.cache.get(s.stage, s.key)
             s.cached = s.entry is not None
-            s.reason = "cached" if s.cached else self._why(s)
+            s.reason = "cached" if s.cached else (f"same as {s.stage} [{s.same_as}]" if s.same_as else why(self.cache, s, self.cfg.name))
         return steps
-
-    def _why(self, step: Step) -> str:
-        if not self.cache.enabled:
-            return "--force"
-        stage_dir = self.cache.root / step.stage
-        if not stage_dir.is_dir():
-            return "no cache yet"
-        # the most recent entry of this stage for this target, to name what changed
-        best, best_t = None, -1.0
-        for d in stage_dir.iterdir():
-            e = d / "entry.json"
-            if not e.is_file():
-                continue
-            try:
-                desc = json.loads(e.read_text()).get("describe", {})
-            except (OSError, ValueError):
-                continue
-            if desc.get("target") != step.target or desc.get("name") != self.cfg.name:
-                continue
-            t = e.stat().st_mtime
-            if t > best_t:
-                best, best_t = desc, t
-        if best is None:
-            return "new"
-        # the entry was stored as JSON: compare like with like (a tuple reads back as a list)
-        now = json.loads(stable_json({"params": step.params, "inputs": step.inputs}))
-        changed = _changes(now["params"], best.get("params", {}), "") + _changes(now["inputs"], best.get("inputs", {}), "input ")
-        return "changed: " + ", ".join(changed) if changed else "changed"
 
     # ------------------------------------------------------------------ stage execution
     def _stage(self, step: Step, build: Callable[[Path], Any], shared: bool = False) -> Path:
@@ -288,7 +232,7 @@ class Build:
         distributed.sync_cached(steps)  # rank 0's cache decisions hold on every rank
         if all(s.cached for s in steps if not s.target) and distributed.end_of_training():
             return None  # a worker with nothing to train: the CLI waits for rank 0's exit status
-        self._print_plan(steps)
+        print_plan(self.progress, self.cfg.name, len(self.profiles), steps)
         data = self.data()
         by = {(s.stage, s.target): s for s in steps}
         example = transfer_stage.example_input(cfg)
@@ -379,11 +323,11 @@ class Build:
                 raise EdgebuildError(f"cannot compute golden outputs for {prof.name}: {unavailable_reason(p)}", hint="install the target's runtime on the build host")
         return open_runner(p, artifact).run(x)
 
-    def _print_plan(self, steps: list[Step]) -> None:
-        self.progress.log(f"plan for {self.cfg.name} ({len(self.profiles)} target(s)):")
-        for s in steps:
-            label = s.stage + (f" [{s.target}]" if s.target else " [shared]") + (f" align {s.params['align']}" if s.stage == "prune" else "")
-            self.progress.log(f"  {label:<48} {'cached' if s.cached else 'run'}{'' if s.cached else ' (' + s.reason + ')'}")
+    def dry_run(self) -> list[dict]:
+        """The plan, printed, without running anything."""
+        steps = self.plan()
+        print_plan(self.progress, self.cfg.name, len(self.profiles), steps)
+        return plan_json(steps)
 
     def _stage_row(self, stage: str, label: str, step: Step, entry: Path, meta: dict, example, lat: dict | None = None) -> dict:
         """What one shared stage bought: params, MACs, file size, val accuracy, host latency."""
@@ -403,7 +347,7 @@ class Build:
             "version": self.cfg.version,
             "edgebuild": __version__,
             "seconds": seconds,
-            "plan": [{"stage": s.stage, "target": s.target, "key": s.key, "cached": s.cached, "reason": s.reason} for s in steps],
+            "plan": plan_json(steps),
             "stage_seconds": self.stage_times,
             "transfer": {k: v for k, v in tmeta.items() if k != "history"} | {"history": tmeta.get("history")},
             "targets": targets_report,
