@@ -140,6 +140,7 @@ class PruneConfig(_Strict):
     importance: Literal["l1", "l2", "taylor"] = "l2"
     scope: Literal["global", "uniform"] = "uniform"
     keep: list[str] = Field(default_factory=list, description="module names never pruned (the new head always is)")
+    stage_ratios: dict[str, Float] = Field(default_factory=dict, description="per stage: module name -> its own ratio")
     recover_epochs: Int = Field(0, ge=0, le=10000)
     lr: Optional[Float] = Field(None, gt=0, le=10)
 
@@ -170,10 +171,28 @@ class QuantizeConfig(_Strict):
     qat: QATConfig = Field(default_factory=QATConfig)
 
 
+class SearchConfig(_Strict):
+    """compress.search: the fastest candidate per target that meets every budget."""
+
+    prune_ratios: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7])
+    stage_ratios: list[dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]]] = Field(default_factory=list, description="more candidates: per-stage ratios")
+    importance: list[Literal["l1", "l2", "taylor"]] = Field(default_factory=lambda: ["l2"])
+    scope: list[Literal["global", "uniform"]] = Field(default_factory=lambda: ["uniform"])
+    precisions: Optional[list[Literal["fp32", "fp16", "int8", "int8-float-ends"]]] = Field(None, description="default: every one the runtime has")
+    max_candidates: Int = Field(48, ge=1, le=10000)
+    minutes: Float = Field(30.0, gt=0, le=10000)
+    finalists: Int = Field(3, ge=1, le=100, description="candidates per round of full recovery (successive halving)")
+    recover_epochs: Optional[Int] = Field(None, ge=0, le=10000, description="default: compress.prune.recover_epochs, else 2")
+    holdout: Float = Field(0.5, gt=0, le=1, description="part of val the proxy accuracy is scored on")
+    recalibration_samples: Int = Field(256, ge=1, le=100000, description="train images for the BatchNorm recalibration")
+    benchmark_seconds: Float = Field(1.5, gt=0, le=600)
+
+
 class CompressConfig(_Strict):
     prune: Optional[PruneConfig] = None
     distill: Optional[DistillConfig] = None
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    search: Optional[SearchConfig] = None
 
 
 class Budgets(_Strict):

@@ -21,8 +21,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import __version__, distributed
-from .cache import Cache, make_key, sweep_stale
-from .config import BuildConfig, TargetProfile
 from .data import (
     calibration_indices,
     check_same_classes,
@@ -39,6 +37,7 @@ from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
 from .stages import distill as distill_stage
+from .stages import search as search_stage
 from .stages import export as export_stage
 from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
@@ -97,6 +96,8 @@ class Build:
             check_input_fits(self.profiles[n], cfg.preprocess, self.registry.files.get(n))
         self._data: Optional[Data] = None
         self._models: dict[str, Any] = {}
+        self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
+        self.search: Optional[dict] = None
         self.stage_times: dict[str, float] = {}
 
     # ------------------------------------------------------------------ inputs
@@ -150,20 +151,16 @@ class Build:
         if distill_stage.enabled(cfg):  # the transferred model teaches a student; everything after starts from it
             base = _step(distill_stage, "", distill_stage.params(cfg), distill_stage.inputs(self, transfer.key))
             steps.append(base)
-        pc = cfg.compress.prune
-        prune_steps: dict[int, Step] = {}
-        if pc is not None and pc.ratio > 0:
-            for prof in self.profiles.values():
-                if prof.align in prune_steps:
-                    continue
-                pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
-                           "align": prof.align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
-                           "weight_decay": cfg.transfer.weight_decay}
-                pinputs = {"model": base.key, "data": data.fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]}
-                prune_steps[prof.align] = _step(prune_stage, "", pparams, pinputs)
-                steps.append(prune_steps[prof.align])
+        prune_steps: dict[tuple, Step] = {}  # per align and prune setting (the search picks one per target)
         for name, prof in self.profiles.items():
-            model_step = prune_steps.get(prof.align, base)
+            pc = self.prune_for.get(name, cfg.compress.prune)
+            pk = (prof.align, json.dumps(pc.model_dump(), sort_keys=True) if pc else None)
+            if pc is not None and (pc.ratio > 0 or pc.stage_ratios) and pk not in prune_steps:
+                prune_steps[pk] = self.prune_step(pc, prof.align, base.key)
+                steps.append(prune_steps[pk])
+        for name, prof in self.profiles.items():
+            pc = self.prune_for.get(name, cfg.compress.prune)
+            model_step = prune_steps.get((prof.align, json.dumps(pc.model_dump(), sort_keys=True) if pc else None), base)
             eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
             rt = adapter(prof.runtime)
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
@@ -193,6 +190,13 @@ class Build:
             s.cached = s.entry is not None
             s.reason = "cached" if s.cached else (f"same as {s.stage} [{s.same_as}]" if s.same_as else why(self.cache, s, self.cfg.name))
         return steps
+
+    def prune_step(self, pc, align: int, model_key: str) -> Step:
+        cfg, pv = self.cfg, {p: bundle_stage.pkg_version(p) for p in ("torch", "torch-pruning")}
+        pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
+                   "align": align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
+                   "weight_decay": cfg.transfer.weight_decay}
+        return _step(prune_stage, "", pparams, {"model": model_key, "data": self.data().fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]})
 
     # ------------------------------------------------------------------ stage execution
     def _stage(self, step: Step, build: Callable[[Path], Any], shared: bool = False) -> Path:
@@ -247,9 +251,13 @@ class Build:
         models: dict[str, dict] = {tstep.key: {"step": tstep, "dir": tdir, "meta": tmeta, "ref_logits": ref_logits}}
         # the model pruning starts from: the transferred one or its student
         bstep, bdir, bmeta = distill_stage.in_build(self, by, tstep, tdir, tmeta, models, example) if ("distill", "") in by else (tstep, tdir, tmeta)
+        if cfg.compress.search is not None and distributed.is_main():  # each target's candidate, then the plan again
+            steps = search_stage.run(self, bstep, bdir, bmeta, fp32_acc, example)
+            by = {(s.stage, s.target): s for s in steps}
         for pstep in (s for s in steps if s.stage == "prune"):
             def do_prune(out, pstep=pstep):
-                prune_stage.run(cfg, data, self._torch_model(bstep, bdir), bmeta, pstep.params["align"], out, self.progress, example)
+                pcfg = prune_stage.with_prune(cfg, PruneConfig(**pstep.params["prune"]))
+                prune_stage.run(pcfg, data, self._torch_model(bstep, bdir), bmeta, pstep.params["align"], out, self.progress, example)
             pdir = self._stage(pstep, do_prune, shared=True)
             if not distributed.is_main():
                 continue
@@ -281,6 +289,7 @@ class Build:
             report["stages"] = stage_rows
             report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for m in models.values() if m["step"].stage == "prune"} or None
             report["distillation"] = self.distillation
+            report["search"] = self.search
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"

@@ -87,4 +87,48 @@ def chart_svg(report: dict, width: int = 720, height: int = 360) -> str:
 
 
 def render_html(report: dict) -> str:
-    return render("report.html.j2", report=report, chart=chart_svg(report))
+    search = [(g, search_svg(g)) for g in ((report.get("search") or {}).get("groups") or [])]
+    return render("report.html.j2", report=report, chart=chart_svg(report), search=search)
+
+
+def search_svg(group: dict, width: int = 720, height: int = 320) -> str:
+    """One search group's candidates: p50 latency (x, log) against accuracy (final where the
+    candidate had full recovery, else proxy). Pareto-front points in colour, dominated ones grey,
+    the chosen one ringed."""
+    rows = group.get("candidates") or []
+    if not rows:
+        return '<p class="notrun">no candidate measured</p>'
+    acc = [r["final_accuracy"] if r.get("final_accuracy") is not None else r["proxy_accuracy"] for r in rows]
+    lx = [math.log10(max(r["p50_ms"], 1e-6)) for r in rows]
+    x0, x1 = min(lx), max(lx)
+    x0, x1 = (x0 - 0.1, x1 + 0.1) if x1 - x0 < 0.2 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
+    y0, y1 = min(acc), max(acc)
+    y0, y1 = (y0 - 0.01, y1 + 0.01) if y1 - y0 < 0.02 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    left, top, pw, ph = 60, 15, width - 80, height - 60
+    sx = lambda v: left + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * pw  # noqa: E731
+    sy = lambda v: top + (1 - (v - y0) / (y1 - y0)) * ph  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="search candidates">',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>',
+           f'<text x="{left + pw / 2}" y="{height - 12}" font-size="12" text-anchor="middle">latency p50, ms (log scale; {html.escape(str(group["profile"].get("runtime")))}, '
+           f'{group["profile"].get("threads") or "default"} threads, batch {group["profile"].get("batch")})</text>',
+           f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">accuracy</text>']
+    for i in range(5):
+        v = y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" font-size="11" text-anchor="end">{v:.3f}</text>')
+    for e in range(math.floor(x0), math.ceil(x1) + 1):
+        for mult in (1, 2, 5):
+            v = mult * 10**e
+            if x0 <= math.log10(v) <= x1:
+                out.append(f'<text x="{sx(v):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{v:g}</text>')
+    for r, a in sorted(zip(rows, acc), key=lambda t: t[0].get("pareto", False)):
+        X, Y = sx(r["p50_ms"]), sy(a)
+        kind = "final" if r.get("final_accuracy") is not None else "proxy"
+        title = html.escape(f"{r['label']}: {kind} accuracy {a:.4f}, p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, {r['size_bytes'] / 1000:.1f} kB"
+                            + ("" if r.get("latency_source") == "measured" else f" ({r.get('latency_source')})"))
+        color = "#1f77b4" if r.get("pareto") else "#bbbbbb"
+        out.append(f'<circle cx="{X:.1f}" cy="{Y:.1f}" r="5" fill="{color}" class="{"front" if r.get("pareto") else "dominated"}"><title>{title}</title></circle>')
+        if r.get("chosen"):
+            out.append(f'<circle cx="{X:.1f}" cy="{Y:.1f}" r="9" fill="none" stroke="#d62728" stroke-width="2" class="chosen"/>')
+            out.append(f'<text x="{X + 12:.1f}" y="{Y - 8:.1f}" font-size="11" fill="#d62728">chosen: {html.escape(r["label"])}</text>')
+    out.append("</svg>")
+    return "\n".join(out)

@@ -80,6 +80,12 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     manifest["model"]["opset"] = export_stage.opset_of(artifact, edir)  # what was produced, not what was asked
     if getattr(b, "distillation", None):  # the bundle's model is a student: say whose
         manifest["distillation"] = b.distillation
+    g = next((g for g in ((b.search or {}).get("groups") or []) if name in g["targets"]), None) if getattr(b, "search", None) else None
+    if g is not None and g.get("chosen") is not None:  # the search picked this target's prune setting and precision
+        c = g["candidates"][g["chosen"]]
+        manifest["search"] = {"chosen": {k: c[k] for k in ("label", "prune", "precision", "p50_ms", "p90_ms", "proxy_accuracy", "final_accuracy", "latency_source")},
+                              "why": g.get("why"), "candidates": len(g["candidates"]), "finalists": g["finalists"],
+                              "rank_correlation_proxy_final": g["rank_correlation_proxy_final"], "details": "dist/search.json"}
     bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
     stage_row = {"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
                  "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],

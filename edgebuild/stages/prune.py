@@ -116,10 +116,12 @@ def prune_model(
     grad_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
     grad_batches: int = 4,
     batch_size: int = 32,
+    ratio_dict: Optional[dict[str, float]] = None,
 ) -> dict:
     """Prune ``model`` in place; returns what was done (ratio, kept layers, channel counts).
 
     ``grad_data`` (X, y) gives the few batches of gradients Taylor importance needs.
+    ``ratio_dict`` maps module names (a stage such as ``layer3``) to their own ratio.
     """
     import torch_pruning as tp
 
@@ -134,7 +136,7 @@ def prune_model(
     ignored = resolve_layers(model, [head] if head else [], "head") + resolve_layers(model, list(keep))
     model.eval()
     before = _channels(model)
-    if ratio == 0:
+    if ratio == 0 and not ratio_dict:
         return {"ratio": 0.0, "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": {}}
 
     tracker = _LastModule(model)
@@ -143,6 +145,8 @@ def prune_model(
             pruner = tp.pruner.BasePruner(
                 model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=scope == "global",
                 ignored_layers=ignored, round_to=int(align) if align > 1 else None,
+                pruning_ratio_dict={m: float(r) for m, r in zip(resolve_layers(model, list(ratio_dict), "compress.prune.stage_ratios"), ratio_dict.values())}
+                if ratio_dict else None,
             )
     except Exception as e:
         where = f" at layer '{tracker.last}'" if tracker.last else ""
@@ -177,7 +181,7 @@ def prune_model(
     check_forward(model, example)
     after = _channels(model)
     changed = {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}
-    return {"ratio": float(ratio), "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": changed}
+    return {"ratio": float(ratio), **({"stage_ratios": dict(ratio_dict)} if ratio_dict else {}), "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": changed}
 
 
 def check_forward(model: nn.Module, example: torch.Tensor) -> None:
@@ -284,6 +288,13 @@ def load_pruned(fresh: nn.Module, entry: Path) -> nn.Module:
     return apply_structure(fresh, struct, state)
 
 
+def with_prune(cfg: BuildConfig, pc: PruneConfig) -> BuildConfig:
+    """The build file with another prune setting (the search's candidates, per target)."""
+    out = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"prune": pc})})
+    out.path = cfg.path
+    return out
+
+
 def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
     from . import transfer as transfer_stage
 
@@ -349,7 +360,8 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     student = copy.deepcopy(teacher)
     before = model_figures(teacher, example, data.Xval, data.yval)
     info = prune_model(student, example, ratio=pc.ratio, importance=pc.importance, scope=pc.scope, keep=pc.keep,
-                       head=tmeta.get("head"), align=align, grad_data=(data.Xtrain, data.ytrain), batch_size=min(tc.batch_size, 64))
+                       head=tmeta.get("head"), align=align, grad_data=(data.Xtrain, data.ytrain), batch_size=min(tc.batch_size, 64),
+                       ratio_dict=pc.stage_ratios)
     after = model_figures(student, example, data.Xval, data.yval)
     progress.log(f"  pruned {pc.ratio:.0%} ({pc.importance}, {pc.scope}, align {align}): params {before['params']} -> {after['params']}, "
                  f"MACs {before['macs']} -> {after['macs']}, val acc {before['val_accuracy']:.4f} -> {after['val_accuracy']:.4f}")
