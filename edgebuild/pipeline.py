@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import __version__, distributed
+from .cache import Cache, make_key, sweep_stale
+from .config import BuildConfig, PruneConfig, TargetProfile
 from .data import (
     calibration_indices,
     check_same_classes,

@@ -223,8 +223,10 @@ def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.
     report["status"] = "ok"
     _write(out_path, report)
     b.search = report
+    from ..plan import print_plan
+
     steps = b.plan()
-    b._print_plan(steps)
+    print_plan(b.progress, cfg.name, len(b.profiles), steps)
     return steps
 
 
