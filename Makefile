@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean bench example mutants
+.PHONY: demo test test-fast test-providers venv venv-providers clean bench example mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,24 @@ test-fast: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tests/mutants.py
 
+# A second environment with the registry's default (unpinned) torch, torchvision and timm: the
+# torchvision:/timm: provider tests run only there (pytest --providers), and only they do.
+PVENV ?= .venv-providers
+PSTAMP := $(PVENV)/.installed
+
+$(PSTAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(PVENV)
+	$(PVENV)/bin/python -m pip install -q --upgrade pip
+	$(PVENV)/bin/python -m pip install -q torch torchvision timm
+	grep -v -i -E '^torch(ao)?==' constraints.txt > $(PVENV)/constraints.txt
+	$(PVENV)/bin/python -m pip install -q -c $(PVENV)/constraints.txt -e '.[dev,hf,timm,torchvision]'
+	touch $(PSTAMP)
+
+venv-providers: $(PSTAMP)
+
+test-providers: $(PSTAMP)
+	$(PVENV)/bin/python -m pytest -q --providers
+
 example: $(STAMP)
 	$(PY) examples/digits/make_example.py
 
@@ -36,4 +54,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) dist examples/digits/dist .pytest_cache
+	rm -rf $(VENV) $(PVENV) dist examples/digits/dist .pytest_cache

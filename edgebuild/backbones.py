@@ -33,7 +33,8 @@ class LogitsOnly(nn.Module):
         return out.logits if hasattr(out, "logits") else out["logits"]
 
 
-def _python_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
+def _python_provider(ref: str, root: Path, pretrained: bool | None = None) -> Callable[[], nn.Module]:
+    """The factory loads what it likes; ``backbone.weights`` is the way to give it weights."""
     target, sep, func = ref.rpartition(":")
     if not sep or not target or not func:
         raise ModelError(f"backbone source 'python:{ref}' must be python:FILE.py:FUNC or python:pkg.module:FUNC", hint="name the factory function after the last ':'")
@@ -74,7 +75,7 @@ def _python_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
     return build
 
 
-def _hf_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
+def _hf_provider(ref: str, root: Path, pretrained: bool | None) -> Callable[[], nn.Module]:
     try:
         import transformers
     except ImportError:
@@ -83,10 +84,13 @@ def _hf_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
     source = str(local) if local.is_dir() else ref
 
     def build() -> nn.Module:
+        # pretrained None: the weights the folder or cache has; True: they must be there; False: config only
+        if pretrained:
+            pretrained_file(f"hf:{ref}", root, True)
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
             has_weights = local.is_dir() and any(local.glob("*.safetensors")) or not local.is_dir()
-            if has_weights:
+            if has_weights and pretrained is not False:
                 model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=True, use_safetensors=True)
             else:
                 model = transformers.AutoModelForImageClassification.from_config(config)
@@ -101,34 +105,40 @@ def _hf_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
     return build
 
 
-def _timm_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
+def _import(name: str):
     try:
-        import timm
-    except Exception as e:
-        raise ModelError(f"timm: backbones need the 'timm' package, which cannot be imported here ({type(e).__name__}: {e})", hint="pip install timm (with a matching torchvision), or use python:/hf:") from None
+        return importlib.import_module(name)
+    except Exception as e:  # a torchvision built for another torch fails with more than ImportError
+        hint = "pip install timm (with a matching torchvision), or use python:/hf:" if name == "timm" else \
+            "install a torchvision built for your torch, or use python:/hf:"
+        raise ModelError(f"{name}: backbones need the '{name}' package, which cannot be imported here ({type(e).__name__}: {e})", hint=hint) from None
+
+
+def _timm_provider(ref: str, root: Path, pretrained: bool | None) -> Callable[[], nn.Module]:
+    timm = _import("timm")
 
     def build() -> nn.Module:
-        if ref not in timm.list_models():
+        if not timm.is_model(ref):
             raise ModelError(f"unknown timm model '{ref}': {did_you_mean(ref, timm.list_models())}", hint="see timm.list_models()")
-        return timm.create_model(ref, pretrained=False)
+        model = timm.create_model(ref, pretrained=False)
+        if pretrained:
+            load_weights(model, pretrained_file(f"timm:{ref}", root, True))
+        return model
 
     return build
 
 
-def _torchvision_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
-    try:
-        import torchvision
-    except Exception as e:
-        raise ModelError(
-            f"torchvision: backbones need 'torchvision', which cannot be imported here ({type(e).__name__}: {e})",
-            hint="install a torchvision built for your torch, or use python:/hf:",
-        ) from None
+def _torchvision_provider(ref: str, root: Path, pretrained: bool | None) -> Callable[[], nn.Module]:
+    torchvision = _import("torchvision")
 
     def build() -> nn.Module:
         names = torchvision.models.list_models()
         if ref not in names:
             raise ModelError(f"unknown torchvision model '{ref}': {did_you_mean(ref, names)}", hint="see torchvision.models.list_models()")
-        return torchvision.models.get_model(ref, weights=None)
+        model = torchvision.models.get_model(ref, weights=None)
+        if pretrained:
+            load_weights(model, pretrained_file(f"torchvision:{ref}", root, True))
+        return model
 
     return build
 
@@ -136,11 +146,47 @@ def _torchvision_provider(ref: str, root: Path) -> Callable[[], nn.Module]:
 PROVIDERS = {"python": _python_provider, "hf": _hf_provider, "timm": _timm_provider, "torchvision": _torchvision_provider}
 
 
-def factory(source: str, root: Path) -> Callable[[], nn.Module]:
+def factory(source: str, root: Path, pretrained: bool | None = None) -> Callable[[], nn.Module]:
+    """``pretrained``: load the provider library's own weights (True), never (False), or, None,
+    the provider's default: none for timm/torchvision, those in the folder or cache for hf."""
     scheme, _, ref = source.partition(":")
     if scheme not in PROVIDERS:
         raise ModelError(f"unknown backbone provider '{scheme}': {did_you_mean(scheme, PROVIDERS)}", hint="use python:, hf:, timm: or torchvision:")
-    return PROVIDERS[scheme](ref, root)
+    return PROVIDERS[scheme](ref, root, pretrained)
+
+
+def pretrained_file(source: str, root: Path, pretrained: bool | None) -> Path | None:
+    """The file the provider's own pretrained weights load from (see pretrained.py), or None where
+    none are loaded. With ``pretrained`` True a missing file is an error naming its cache path."""
+    from . import pretrained as cache
+
+    scheme, _, ref = source.partition(":")
+    if pretrained is False or scheme == "python" or (pretrained is None and scheme != "hf"):
+        return None
+    if scheme == "torchvision":
+        _import("torchvision")
+        return cache.torchvision_file(ref)
+    if scheme == "timm":
+        timm = _import("timm")
+        try:
+            cfg = timm.models.get_pretrained_cfg(ref)
+        except Exception:
+            cfg = None
+        if cfg is None:
+            raise ModelError(f"unknown timm model '{ref}' or no pretrained config for it", hint="see timm.list_models(pretrained=True)")
+        return cache.timm_file(ref, cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    try:
+        import huggingface_hub  # noqa: F401 - comes with transformers; without it the factory says what is missing
+    except ImportError:
+        return None
+    local = Path(ref) if Path(ref).is_absolute() else root / ref
+    found = cache.hf_file(ref, local)
+    if found is None and pretrained:
+        if local.is_dir():
+            raise ModelError(f"hf:{ref}: pretrained is true but {local} holds no .safetensors weights",
+                             hint="save the model there with save_pretrained(), or set pretrained: false to start from the config")
+        raise cache.missing_hub(f"hf:{ref}", ref)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------

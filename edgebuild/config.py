@@ -63,7 +63,16 @@ class _Strict(BaseModel):
 class BackboneConfig(_Strict):
     source: str = Field(description="python:FILE.py:FUNC | python:pkg.mod:FUNC | hf:ID_OR_DIR | timm:NAME | torchvision:NAME")
     weights: Optional[str] = None
+    pretrained: Optional[bool] = Field(None, description="the provider's own pretrained weights from its cache (timm, torchvision, hf)")
     classifier: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> "BackboneConfig":
+        if self.pretrained and self.source.startswith("python:"):
+            raise ValueError("pretrained: true needs a timm:, torchvision: or hf: source; a python: factory's weights come from backbone.weights")
+        if self.pretrained and self.weights:
+            raise ValueError("give either pretrained: true (the provider's own weights) or weights: FILE, not both")
+        return self
 
     @field_validator("source")
     @classmethod

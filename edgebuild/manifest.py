@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, backbones
 from .config import BuildConfig, TargetProfile
 from .data import preprocess_args, sha256_file
 from .stages import bundle as bundle_stage
@@ -81,6 +81,8 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
         "gates": rows,
     })
     weights = cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None
+    if weights is None and cfg.transfer.mode != "scratch":  # the provider's own weights (backbone.pretrained)
+        weights = backbones.pretrained_file(cfg.backbone.source, cfg.root, cfg.backbone.pretrained)
     manifest = {
         "schema": bundle_stage.SCHEMA,
         "name": cfg.name,

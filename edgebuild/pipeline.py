@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import __version__, distributed
+from . import __version__, backbones, distributed
 from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, PruneConfig, TargetProfile
 from .data import (
@@ -137,6 +137,10 @@ class Build:
         if cfg.backbone.weights:
             w = cfg.resolve(cfg.backbone.weights)
             inputs["weights"] = sha256_file(w) if w.is_file() else "missing"
+        if cfg.transfer.mode != "scratch":  # the provider's own weights, from its cache (missing: exit 2 here)
+            f = backbones.pretrained_file(cfg.backbone.source, cfg.root, cfg.backbone.pretrained)
+            if f is not None and "backbone_dir" not in inputs:  # an hf folder is hashed whole above
+                inputs["pretrained"] = sha256_file(f)
         return inputs
 
     # ------------------------------------------------------------------ plan
@@ -147,6 +151,8 @@ class Build:
         pv = {p: bundle_stage.pkg_version(p) for p in manifest_mod.PACKAGES}
         tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,
                    "source": cfg.backbone.source, "classifier": cfg.backbone.classifier}
+        if cfg.backbone.pretrained is not None:  # absent when unset: existing cache keys stay valid
+            tparams["pretrained"] = cfg.backbone.pretrained
         tinputs = {**self._backbone_inputs(), "data": data.fingerprint, "torch": pv["torch"]}
         transfer = base = _step(transfer_stage, "", tparams, tinputs)
         steps.append(transfer)

@@ -155,3 +155,25 @@ def example_build(tmp_path_factory):
             os.environ["EDGEBUILD_CACHE_DIR"] = old
     assert code == 0
     return {"out": out, "cache": cache}
+
+
+# ----------------------------------------------------------------------------------------------
+# The providers environment (make test-providers): torchvision and timm beside the registry's torch
+# ----------------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--providers", action="store_true",
+                     help="run only the tests marked 'providers' (they need torchvision and timm: make test-providers)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked 'providers' run only with --providers, and then only they do: the main suite
+    and the providers environment never run the same slow builds twice."""
+    want = config.getoption("--providers")
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("providers") is not None) == want else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -69,16 +69,61 @@ def test_hf_provider_unknown_id_is_clear(tmp_path):
         backbones.factory("hf:no-such-org/no-such-model-xyz", tmp_path)()
 
 
-def test_timm_and_torchvision_glue_is_honest(tmp_path):
-    """Where timm/torchvision import, they build a model; where they cannot, a clear error."""
-    for scheme, name in (("timm", "resnet18"), ("torchvision", "resnet18")):
-        try:
-            build = backbones.factory(f"{scheme}:{name}", tmp_path)
-        except ModelError as e:
-            assert scheme in e.message and e.hint
-            continue
-        m = build()
-        assert isinstance(m, nn.Module)
+@pytest.mark.parametrize("scheme", ["timm", "torchvision"])
+def test_missing_provider_package_is_a_clear_error(tmp_path, monkeypatch, scheme):
+    """Without the package (None in sys.modules makes the import fail, in any environment) the
+    provider says which package is missing; the providers environment builds real models
+    (tests/test_providers.py)."""
+    monkeypatch.setitem(sys.modules, scheme, None)
+    with pytest.raises(ModelError) as ei:
+        backbones.factory(f"{scheme}:resnet18", tmp_path)
+    assert f"'{scheme}' package, which cannot be imported here" in ei.value.message and ei.value.hint
+    with pytest.raises(ModelError, match="cannot be imported"):
+        backbones.pretrained_file(f"{scheme}:resnet18", tmp_path, True)
+
+
+def _hf_resnet_folder(root, with_weights):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7)
+    if with_weights:
+        torch.manual_seed(3)
+        transformers.ResNetForImageClassification(cfg).save_pretrained(root)
+    else:
+        cfg.save_pretrained(root)
+    return root
+
+
+def test_hf_pretrained_true_needs_weights_in_the_folder(tmp_path):
+    _hf_resnet_folder(tmp_path / "cfgonly", with_weights=False)
+    with pytest.raises(ModelError, match="holds no .safetensors weights") as ei:
+        backbones.factory("hf:cfgonly", tmp_path, pretrained=True)()
+    assert str(tmp_path / "cfgonly") in ei.value.message
+    assert backbones.pretrained_file("hf:cfgonly", tmp_path, None) is None
+    backbones.factory("hf:cfgonly", tmp_path, pretrained=None)()  # unset: the config alone is fine
+
+
+def test_hf_pretrained_true_false_and_unset_with_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = _hf_resnet_folder(tmp_path / "full", with_weights=True)
+    saved = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in saved if k.endswith("convolution.weight"))
+    for pretrained, loaded in ((True, True), (None, True), (False, False)):
+        torch.manual_seed(0)
+        m = backbones.factory("hf:full", tmp_path, pretrained=pretrained)()
+        assert torch.equal(m.model.state_dict()[key], saved[key]) is loaded, pretrained
+    assert backbones.pretrained_file("hf:full", tmp_path, True) == folder / "model.safetensors"
+
+
+def test_hf_pretrained_id_missing_from_hub_cache_names_the_path(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as ei:
+        backbones.pretrained_file("hf:someorg/tiny-net", tmp_path, True)
+    assert str(tmp_path / "hub" / "models--someorg--tiny-net") in ei.value.message
+    assert "hf download someorg/tiny-net model.safetensors" in ei.value.hint
 
 
 def test_safetensors_and_pt_weights(tiny_file, tmp_path):

@@ -112,3 +112,14 @@ def test_cli_misspelled_target_suggests_closest(tiny_project, cli):
 def test_cli_unknown_target_flag(tiny_project, cli):
     code, _, err = cli("build", tiny_project / "edgebuild.yaml", "-t", "x86-openvino-int9")
     assert code == 2 and "x86-openvino-int8" in err
+
+
+@pytest.mark.parametrize("backbone, why", [
+    ("{source: 'python:backbone.py:build', pretrained: true}", "needs a timm:, torchvision: or hf: source"),
+    ("{source: 'timm:resnet18', pretrained: true, weights: w.safetensors}", "not both"),
+])
+def test_pretrained_is_checked(tmp_path, backbone, why):
+    p = tmp_path / "edgebuild.yaml"
+    p.write_text(f"name: t\nbackbone: {backbone}\ndata: {{train: a, val: b}}\npreprocess: {{input_size: [8, 8]}}\n")
+    with pytest.raises(ConfigError, match=why):
+        load_build_config(p)

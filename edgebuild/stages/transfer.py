@@ -33,7 +33,8 @@ def example_input(cfg: BuildConfig) -> torch.Tensor:
 
 def build_architecture(cfg: BuildConfig, num_classes: int, load_pretrained: bool) -> tuple[nn.Module, str, int]:
     """The backbone with its new head: (model, head module name, feature size)."""
-    model = backbones.factory(cfg.backbone.source, cfg.root)()
+    pretrained = cfg.backbone.pretrained if load_pretrained else False
+    model = backbones.factory(cfg.backbone.source, cfg.root, pretrained)()
     if load_pretrained and cfg.backbone.weights:
         backbones.load_weights(model, cfg.resolve(cfg.backbone.weights))
     head = backbones.find_head(model, cfg.backbone.classifier)
