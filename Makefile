@@ -5,13 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-providers venv venv-providers clean bench example mutants
+.PHONY: demo test test-fast test-providers test-emulated venv venv-providers clean bench example mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,hf]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,hf,executorch,coreml]'
+	# LiteRT: litert-converter pins xdsl==0.28.0, which declares typing-extensions<4.13 while
+	# pydantic 2.14 needs >=4.16; pip cannot resolve both, so the LiteRT packages go in by
+	# name and typing-extensions is put back (xdsl works with it: the LiteRT tests convert)
+	$(PY) -m pip install -q -c constraints.txt litert-torch ai-edge-litert ai-edge-quantizer
+	$(PY) -m pip install -q typing-extensions==4.16.0
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -46,6 +51,11 @@ venv-providers: $(PSTAMP)
 
 test-providers: $(PSTAMP)
 	$(PVENV)/bin/python -m pytest -q --providers
+
+# aarch64 bundles under qemu-user: needs root, qemu-user-static and debootstrap; the arm64
+# root is made once under the edgebuild cache (~10 min), later runs take ~2 min
+test-emulated: $(STAMP)
+	EDGEBUILD_TEST_EMULATED=1 $(PY) -m pytest -q -m emulated
 
 example: $(STAMP)
 	$(PY) examples/digits/make_example.py

@@ -259,14 +259,23 @@ class QuantizationScheme(_Strict):
     preset: Literal["performance", "mixed"] = "performance"
 
 
+# each runtime's artifact formats and precisions (the runtime adapters in edgebuild.runtimes
+# implement them; optional runtimes need their pip extra, checked when a build plans)
+RUNTIME_FORMATS = {"onnxruntime": ("onnx", "ort"), "openvino": ("openvino",), "litert": ("tflite",), "executorch": ("pte",),
+                   "coreml": ("mlpackage",)}
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "fp16", "int8"), "litert": ("fp32", "int8"),
+                      "executorch": ("fp32", "int8"), "coreml": ("fp32", "fp16", "int8")}
+
+
 class TargetProfile(_Strict):
     name: str
     description: str = ""
     extends: Optional[str] = None
-    runtime: Literal["onnxruntime", "openvino"]
+    runtime: Literal["onnxruntime", "openvino", "litert", "executorch", "coreml"]
     device: str = "CPU"
     arch: Literal["x86_64", "aarch64", "armv7l", "any"] = "x86_64"
-    format: Literal["onnx", "openvino"] = "onnx"
+    platform: Literal["linux", "android", "ios"] = Field("linux", description="the device's OS: android/ios bundles carry a Kotlin/Swift snippet")
+    format: Literal["onnx", "openvino", "ort", "tflite", "pte", "mlpackage"] = "onnx"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     opset: Int = Field(18, ge=MIN_OPSET, le=99)
     batch: Union[Int, Literal["dynamic"]] = 1
@@ -303,12 +312,13 @@ class TargetProfile(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TargetProfile":
-        if self.runtime == "onnxruntime" and self.format != "onnx":
-            raise ValueError("runtime onnxruntime needs format: onnx")
-        if self.runtime == "openvino" and self.format != "openvino":
-            raise ValueError("runtime openvino needs format: openvino")
-        if self.runtime == "onnxruntime" and self.precision == "fp16":
-            raise ValueError("fp16 is supported for openvino targets only; use fp32 or int8")
+        formats, precisions = RUNTIME_FORMATS[self.runtime], RUNTIME_PRECISIONS[self.runtime]
+        if self.format not in formats:
+            raise ValueError(f"runtime {self.runtime} needs format: {' or '.join(formats)}")
+        if self.precision not in precisions:
+            raise ValueError(f"precision {self.precision} is not supported for runtime {self.runtime}; use {' or '.join(precisions)}")
+        if self.batch == "dynamic" and self.runtime in ("litert", "executorch", "coreml"):
+            raise ValueError(f"runtime {self.runtime} needs a static batch (batch: 1)")
         return self
 
 

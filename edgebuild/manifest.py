@@ -164,6 +164,7 @@ def bundle_context(cfg: BuildConfig, prof: TargetProfile, artifact: Path, manife
         "format": prof.format,
         "device": prof.device,
         "arch": prof.arch,
+        "platform": prof.platform,
         "precision": effective,
         "requested_precision": prof.precision,
         "threads": prof.threads,

@@ -34,7 +34,7 @@ from .data import (
 from . import manifest as manifest_mod
 from . import qat as qat_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
-from .profiles import ProfileRegistry, check_input_fits, unavailable_reason
+from .profiles import ProfileRegistry, check_input_fits, refuse_missing_extras, unavailable_reason
 from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
@@ -96,6 +96,7 @@ class Build:
         for n in names:
             self.profiles[n] = self.registry.get(n)
             check_input_fits(self.profiles[n], cfg.preprocess, self.registry.files.get(n))
+        refuse_missing_extras(self.profiles)
         self._data: Optional[Data] = None
         self._models: dict[str, Any] = {}
         self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
@@ -328,17 +329,23 @@ class Build:
         if problem:
             raise ConfigError(f"cannot write the output folder {self.out}: {problem}", hint="pass -o with a folder you can write to")
 
-    def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray) -> np.ndarray:
+    def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
         """Outputs the artifact gives for the golden inputs on this host (the CPU of the same
-        runtime when the target's own device is absent)."""
+        runtime when the target's own device is absent), and where they came from. Where the
+        runtime cannot run on this OS at all (Core ML off macOS), the PyTorch reference's."""
         from .runtimes import open_runner
 
         p = prof
         if unavailable_reason(prof):
             p = prof.model_copy(update={"device": "CPU", "arch": "any"})
             if unavailable_reason(p):
+                from .runtimes import adapter
+
+                why = adapter(prof.runtime).platform_reason(prof)
+                if why:
+                    return reference, f"PyTorch reference (the runtime cannot run here: {why})"
                 raise EdgebuildError(f"cannot compute golden outputs for {prof.name}: {unavailable_reason(p)}", hint="install the target's runtime on the build host")
-        return open_runner(p, artifact).run(x)
+        return open_runner(p, artifact).run(x), f"{prof.runtime} on this host's CPU"
 
     def dry_run(self) -> list[dict]:
         """The plan, printed, without running anything."""

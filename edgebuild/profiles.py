@@ -102,12 +102,17 @@ def unavailable_reason(profile: TargetProfile) -> str | None:
     return rt.host_reason(profile)
 
 
-def missing_extra(profile: TargetProfile) -> str | None:
-    """The pip extra a profile's runtime needs and this install lacks (None: nothing missing)."""
+def refuse_missing_extras(profiles: dict[str, TargetProfile]) -> None:
+    """Exit 2 before any work when a target's runtime needs a pip extra this install lacks."""
+    from .errors import RuntimeMissing
     from .runtimes import adapter
 
-    rt = adapter(profile.runtime)
-    return rt.extra if rt.extra and rt.missing() else None
+    for name, prof in profiles.items():
+        rt = adapter(prof.runtime)
+        why = rt.missing() if rt.extra else None
+        if why:
+            raise RuntimeMissing(f"target '{name}' needs the '{rt.extra}' extra, which is not installed ({why})",
+                                 hint=f"pip install 'edgebuild[{rt.extra}]' (with -c constraints.txt in a checkout), or drop the target")
 
 
 def ort_provider(device: str) -> str:

@@ -15,6 +15,7 @@ from . import budgets as budgets_mod
 from . import manifest as manifest_mod
 from . import qat as qat_mod
 from .config import TargetProfile
+from .runtimes import adapter
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
 from .stages import quantize as quantize_stage
@@ -68,7 +69,9 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     def do_validate(out):
         m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress)
         (out / "metrics.json").write_text(json.dumps(m, indent=2))
-        np.save(out / "golden_outputs.npy", b._golden_outputs(eprof, artifact, data.Xval[golden]))
+        outputs, source = b._golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
+        np.save(out / "golden_outputs.npy", outputs)
+        (out / "golden_source.txt").write_text(source)
     vdir = b._stage(vstep, do_validate)
     metrics = json.loads((vdir / "metrics.json").read_text())
     rows = budgets_mod.annotate(validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta), limits)
@@ -86,6 +89,9 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         manifest["search"] = {"chosen": {k: c[k] for k in ("label", "prune", "precision", "p50_ms", "p90_ms", "proxy_accuracy", "final_accuracy", "latency_source")},
                               "why": g.get("why"), "candidates": len(g["candidates"]), "finalists": g["finalists"],
                               "rank_correlation_proxy_final": g["rank_correlation_proxy_final"], "details": "dist/search.json"}
+    manifest["model"].update(adapter(prof.runtime).manifest_extra(prof, artifact))
+    source = vdir / "golden_source.txt"
+    manifest["selftest_reference"] = source.read_text() if source.is_file() else None
     bundle_stage.write_bundle(bdir, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, np.load(vdir / "golden_outputs.npy"), effective=effective))
     stage_row = {"stage": "artifact", "target": name, "precision": effective, "requested_precision": prof.precision,
                  "params": mmeta["params"], "macs": mmeta["macs"], "bytes": metrics["size_bytes"],

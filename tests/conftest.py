@@ -177,3 +177,9 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # emulated tests (qemu-user, an arm64 root made once in ~10 min) run only when asked
+    if os.environ.get("EDGEBUILD_TEST_EMULATED") != "1":
+        skip = pytest.mark.skip(reason="emulated: set EDGEBUILD_TEST_EMULATED=1 (make test-emulated)")
+        for item in items:
+            if "emulated" in item.keywords:
+                item.add_marker(skip)

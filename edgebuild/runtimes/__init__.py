@@ -102,6 +102,10 @@ class Adapter:
     def model_files(self, profile: TargetProfile) -> list[str]:
         raise NotImplementedError
 
+    def artifact_files(self, profile: TargetProfile) -> list[str]:
+        """The files an export/quantize entry keeps (the bundle's model files and their sources)."""
+        return self.model_files(profile)
+
     def export(self, model, example, profile: TargetProfile, out: Path) -> dict:
         raise NotImplementedError
 
@@ -114,8 +118,8 @@ class Adapter:
 
     def fallback(self, profile: TargetProfile, src: Path, out: Path, precision: str) -> str:
         """Write the fallback artifact into ``out``; returns the precision written (fp32 by default)."""
-        for f in self.model_files(profile):
-            shutil.copyfile(src / f, out / f)
+        for f in self.artifact_files(profile):
+            copy_path(src / f, out / f)
         return "fp32"
 
     def platform_reason(self, profile: TargetProfile) -> str | None:
@@ -133,8 +137,20 @@ class Adapter:
         """What the bundle's infer.py/README templates need beyond the common context."""
         return {}
 
+    def manifest_extra(self, profile: TargetProfile, artifact: Path) -> dict:
+        """What the manifest's ``model`` records beyond the common fields (reports of the tools)."""
+        return {}
 
-ADAPTERS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+def copy_path(src: Path, dst: Path) -> None:
+    """Copy a model file, or a model folder such as an .mlpackage, whole."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copyfile(src, dst)
+
+
+ADAPTERS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "litert": "litert", "executorch": "executorch", "coreml": "coreml"}
 
 
 def adapter(runtime: str) -> Adapter:

@@ -1,7 +1,20 @@
-"""ONNX Runtime adapter: ONNX export (``torch.onnx.export``), int8 by ``quantize_static`` (QDQ)."""
+"""ONNX Runtime adapter: ONNX export (``torch.onnx.export``), int8 by ``quantize_static`` (QDQ).
+
+Format ``ort`` is ONNX Runtime Mobile: the (quantized) ONNX model converted by
+``onnxruntime.tools.convert_onnx_models_to_ort`` to ``model.ort`` plus
+``required_operators.config`` (the operator list for a reduced-size ONNX Runtime build), with
+the mobile-usability report (NNAPI / Core ML execution-provider coverage, from
+``onnxruntime.tools.check_onnx_model_mobile_usability``'s checker) kept for the manifest.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,6 +141,57 @@ def float_layers(model_path: Path) -> list[str]:
     return [n for n in (first, last) if n]
 
 
+ORT_FILES = ["model.ort", "required_operators.config"]
+USABILITY = "mobile_usability.json"
+
+
+def to_ort(onnx_path: Path, profile: TargetProfile) -> dict:
+    """model.ort and required_operators.config beside ``onnx_path``, plus the usability report."""
+    out = onnx_path.parent
+    platform = "arm" if profile.arch in ("aarch64", "armv7l") else "amd64"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path), "--output_dir", tmp,
+               "--optimization_style", "Fixed", "--target_platform", platform]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+        if r.returncode != 0 or not (Path(tmp) / "model.ort").is_file():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ModelError(f"ONNX Runtime Mobile conversion to .ort failed: {tail[0][:300]}", hint="check the ONNX model with the full onnxruntime first")
+        (Path(tmp) / "model.ort").replace(out / "model.ort")
+        config = (Path(tmp) / "model.required_operators.config").read_text()
+    # the tool names the temporary folder in its header comments: keep the file reproducible
+    config = re.sub(r"(?m)^# - .*[/\\]([^/\\]+)$", r"# - \1", config)
+    (out / "required_operators.config").write_text(config)
+    report = mobile_usability(onnx_path)
+    (out / USABILITY).write_text(json.dumps(report, indent=2) + "\n")
+    return {"ort_seconds": time.perf_counter() - t0, "ort_target_platform": platform, "mobile_usability": report}
+
+
+def mobile_usability(onnx_path: Path) -> dict:
+    """How much of the model NNAPI (Android) and Core ML (iOS) execution providers could take,
+    by ONNX Runtime's own mobile-usability checker (on the basic-optimized model, as it does)."""
+    import logging
+
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+    from onnxruntime.tools.onnx_model_utils import optimize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "model.onnx"
+        optimize_model(onnx_path, opt, use_external_initializers=True)
+        model = uc.ModelProtoWithShapeInfo(opt).model_with_shape_info
+        out = {"tool": "onnxruntime.tools.check_onnx_model_mobile_usability (usability_checker)"}
+        checks = {"NNAPI": lambda: uc.check_nnapi_partitions(model, True),
+                  "CoreML MLProgram": lambda: uc.check_coreml_partitions(model, True, "coreml_supported_mlprogram_ops.md"),
+                  "CoreML NeuralNetwork": lambda: uc.check_coreml_partitions(model, True, "coreml_supported_neuralnetwork_ops.md")}
+        logging.getLogger("usability_checker").setLevel(logging.ERROR)
+        for ep, check in checks.items():
+            info = check()
+            out[ep] = {"supported_nodes": info.num_supported_nodes, "nodes": info.num_nodes,
+                       "coverage": round(info.num_supported_nodes / max(info.num_nodes, 1), 4), "partitions": info.num_partitions,
+                       "unsupported_ops": sorted(info.unsupported_ops), "try_ep": info.suitability().name}
+    return out
+
+
 class OrtAdapter(Adapter):
     name = "onnxruntime"
     modules = ("onnxruntime",)
@@ -135,12 +199,19 @@ class OrtAdapter(Adapter):
     package = "onnxruntime"
 
     def model_files(self, profile: TargetProfile) -> list[str]:
-        return ["model.onnx"]
+        return ORT_FILES if profile.format == "ort" else ["model.onnx"]
+
+    def artifact_files(self, profile: TargetProfile) -> list[str]:
+        # an ORT-format artifact keeps its ONNX source (quantization starts from it) and the report
+        return ORT_FILES + ["model.onnx", USABILITY] if profile.format == "ort" else ["model.onnx"]
 
     def export(self, model, example, profile: TargetProfile, out: Path) -> dict:
         from ..stages.export import export_onnx
 
-        return {**export_onnx(model, example, out / "model.onnx", profile.opset, profile.batch), "format": "onnx"}
+        meta = {**export_onnx(model, example, out / "model.onnx", profile.opset, profile.batch), "format": profile.format}
+        if profile.format == "ort":
+            meta.update(to_ort(out / "model.onnx", profile))
+        return meta
 
     def quantize_plan(self, profile: TargetProfile) -> list[tuple[str, dict]]:
         plan = [("plain", {}), ("first conv and head in float", {"float_layers": True})]
@@ -151,7 +222,16 @@ class OrtAdapter(Adapter):
 
     def quantize(self, profile: TargetProfile, src: Path, dst: Path, calib: np.ndarray, opts: dict, ac: dict | None) -> dict:
         names = float_layers(src / "model.onnx") if opts.get("float_layers") else None
-        return quantize_onnxruntime(src / "model.onnx", dst / "model.onnx", calib, profile, calibration=opts.get("calibration"), exclude_nodes=names)
+        meta = quantize_onnxruntime(src / "model.onnx", dst / "model.onnx", calib, profile, calibration=opts.get("calibration"), exclude_nodes=names)
+        if profile.format == "ort":
+            meta.update(to_ort(dst / "model.onnx", profile))
+        return meta
+
+    def manifest_extra(self, profile: TargetProfile, artifact: Path) -> dict:
+        if profile.format != "ort":
+            return {}
+        return {"mobile_usability": json.loads((artifact / USABILITY).read_text()),
+                "required_operators": "required_operators.config (for a reduced-size ONNX Runtime build: --include_ops_by_config)"}
 
     def host_reason(self, profile: TargetProfile) -> str | None:
         import onnxruntime as ort

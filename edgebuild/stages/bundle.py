@@ -90,8 +90,10 @@ def write_bundle(out: Path, ctx: dict) -> dict:
     """Write every file of one bundle into ``out`` (an empty folder). ``ctx`` holds what the
     templates and manifest need (see manifest.bundle_context)."""
     artifact: Path = ctx["artifact"]
+    from ..runtimes import copy_path
+
     for f in ctx["model_files"]:
-        shutil.copyfile(artifact / f, out / f)
+        copy_path(artifact / f, out / f)
     (out / "labels.txt").write_text("".join(label + "\n" for label in ctx["labels"]), encoding="utf-8")
     tctx = dict(ctx["template"])
     tctx["preprocess_source"] = (Path(__file__).resolve().parent.parent / "preprocess.py").read_text(encoding="utf-8").strip()

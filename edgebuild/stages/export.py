@@ -137,12 +137,12 @@ def _first_line(err: BaseException) -> str:
     return type(err).__name__
 
 
-def export_error(model: nn.Module, x: torch.Tensor, err: BaseException) -> ModelError:
+def export_error(model: nn.Module, x: torch.Tensor, err: BaseException, what: str = "ONNX export") -> ModelError:
     """A one-line ModelError naming the failing op and module where they can be found."""
     op = _unsupported_op(err)
     where = _module_of_op(model, x, op) if op else None
     where = where or _module_in_traceback(model, err)
-    parts = ["ONNX export failed"]
+    parts = [f"{what} failed"]
     if op:
         parts.append(f"at op {op}")
     if where:
@@ -231,6 +231,27 @@ def opset_of(artifact: Path, export_dir: Path) -> int | None:
         return int(json.loads((export_dir / "meta.json").read_text())["opset"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def example_input(example: torch.Tensor, batch) -> torch.Tensor:
+    """Zeros of the profile's static batch (1 for a dynamic one) and the example's image shape."""
+    return torch.zeros((batch if isinstance(batch, int) else 1,) + tuple(example.shape[1:]))
+
+
+def convert(model: nn.Module, example: torch.Tensor, batch, what: str, fn):
+    """Run a torch.export-based converter ``fn(model, x)`` quietly; a failure becomes one
+    ModelError line naming the failing op and module, as for the ONNX export."""
+    model = model.cpu().eval()
+    x = example_input(example, batch)
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            out = fn(model, x)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise export_error(model, x, e, what) from e
+    return out, time.perf_counter() - t0
 
 
 def model_files(profile: TargetProfile) -> list[str]:

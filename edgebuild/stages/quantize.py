@@ -150,7 +150,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
                 f" (accuracy {acc:.4f}){note}")
     if decision != f"fallback-{effective}":
         adir = out / f".attempt-{chosen}"
-        for f in rt.model_files(profile):
+        for f in rt.artifact_files(profile):
             os.replace(adir / f, out / f)
     for d in out.glob(".attempt-*"):
         shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""Validation of foreign-arch (aarch64) bundles under qemu-user emulation.
+
+An arm64 Debian root is made once (debootstrap, then python3 and pip in it, then the bundle's
+runtime wheels) and kept under the edgebuild cache; each bundle then runs its own ``infer.py``
+there: ``--selftest`` and logits on the validation images. Emulation gives correct results, not
+speed: latency is never measured under it. Chroot commands run in a private mount namespace
+with /proc mounted (never /sys: ONNX Runtime segfaulted with it), so nothing stays mounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import EmulationError
+
+SUITE = "bookworm"
+ARCH = "aarch64"
+DEB_ARCH = "arm64"
+VALIDATION = f"emulated (qemu-user, {ARCH})"
+BASE_PACKAGES = ["python3", "python3-venv", "python3-pip", "ca-certificates"]
+VENV = "/opt/edgebuild-venv"
+CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+              "DEBIAN_FRONTEND": "noninteractive", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1",
+              "ORT_DISABLE_TELEMETRY": "1"}
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def root_dir(cache_root: Path) -> Path:
+    return Path(cache_root) / "emulation" / f"debian-{SUITE}-{DEB_ARCH}"
+
+
+def binfmt_registered() -> bool:
+    entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if not entry.exists():
+        # a binfmt_misc that is not mounted yet, or a handler that is not enabled yet
+        if shutil.which("update-binfmts"):
+            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
+    return entry.exists() and entry.read_text().splitlines()[:1] == ["enabled"]
+
+
+def check_host() -> None:
+    """Exit 2 with a hint when this host cannot run aarch64 binaries under qemu-user."""
+    missing = [t for t, exe in (("qemu-user-static", "qemu-aarch64-static"), ("debootstrap", "debootstrap"), ("unshare", "unshare"))
+               if not shutil.which(exe)]
+    if missing:
+        raise EmulationError(f"--emulate needs {' and '.join(missing)}, which this host does not have",
+                             hint="sudo apt-get install qemu-user-static debootstrap (Debian/Ubuntu), then build again")
+    if os.geteuid() != 0:
+        raise EmulationError("--emulate needs root (debootstrap and chroot)", hint="run the build as root, e.g. in a container, or drop --emulate")
+    if not binfmt_registered():
+        raise EmulationError("binfmt_misc has no enabled qemu-aarch64 handler, so aarch64 programs cannot run here",
+                             hint="sudo mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && sudo update-binfmts --enable qemu-aarch64")
+
+
+def chroot(root: Path, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run ``argv`` inside the root, in a private mount namespace with only /proc mounted."""
+    script = 'mount -t proc proc "$1/proc" && r="$1" && shift && exec chroot "$r" "$@"'
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *argv]
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=CHROOT_ENV)
+
+
+def _step(progress, what: str, cmd: list[str], *, total: int, root: Path | None = None, timeout: float = 3600) -> float:
+    """Run one setup step with a progress bar over its output lines; returns its seconds."""
+    import contextlib
+
+    t0 = time.perf_counter()
+    if root is not None:
+        script = 'mount -t proc proc "$1/proc" && r="$1" && shift && exec chroot "$r" "$@"'
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=CHROOT_ENV, text=True, errors="replace")
+    tail: list[str] = []
+    with (progress.task(what, total) if progress else contextlib.nullcontext()) as task:
+        n = 0
+        for line in proc.stdout:
+            n += 1
+            tail = (tail + [line.rstrip()])[-15:]
+            if task and n % 5 == 0:
+                task.update(min(n, total - 1), line.strip()[:60])
+        rc = proc.wait(timeout=timeout)
+        if task:
+            task.update(total, f"{time.perf_counter() - t0:.0f} s")
+    if rc != 0:
+        raise EmulationError(f"emulation root setup failed at '{what}' (exit {rc}): {' | '.join(tail[-3:])[:400]}",
+                             hint="check the network to deb.debian.org and pypi.org, then build again (a half-made root is removed)")
+    return time.perf_counter() - t0
+
+
+def ensure_root(cache_root: Path, progress=None, log=print) -> tuple[Path, dict]:
+    """The arm64 root with python3 and pip, made once; returns (root, setup record)."""
+    check_host()
+    root = root_dir(cache_root)
+    ready = root / ".edgebuild-ready.json"
+    if ready.is_file():
+        return root, json.loads(ready.read_text())
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    log(f"emulation: creating an arm64 Debian {SUITE} root under {root} (one-time cost, about 10 minutes and 600 MB; "
+        "later builds reuse it)")
+    rec: dict = {"suite": SUITE, "arch": DEB_ARCH, "qemu": _qemu_version(), "steps": {}}
+    t0 = time.perf_counter()
+    try:
+        rec["steps"]["debootstrap"] = _step(progress, "emulation: debootstrap arm64", [
+            "debootstrap", "--arch=" + DEB_ARCH, "--variant=minbase", SUITE, str(tmp), "http://deb.debian.org/debian"], total=400)
+        ca = tmp / "usr/local/share/ca-certificates"
+        ca.mkdir(parents=True, exist_ok=True)
+        rec["steps"]["python3"] = _step(progress, "emulation: python3 and pip in the root", [
+            "sh", "-c", "apt-get update -q && apt-get install -y -q --no-install-recommends " + " ".join(BASE_PACKAGES)], total=600, root=tmp)
+        for f in sorted(HOST_CA_DIR.glob("*.crt")) if HOST_CA_DIR.is_dir() else []:
+            shutil.copyfile(f, ca / f.name)  # a proxy's CA on this host: pip in the root needs it too
+        rec["steps"]["venv"] = _step(progress, "emulation: CA certificates and venv", [
+            "sh", "-c", f"update-ca-certificates && python3 -m venv {VENV} && {VENV}/bin/pip install -q --upgrade pip"], total=20, root=tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rec["setup_seconds"] = time.perf_counter() - t0
+    (tmp / ".edgebuild-ready.json").write_text(json.dumps(rec, indent=2) + "\n")
+    os.replace(tmp, root)
+    log(f"emulation: root ready in {rec['setup_seconds'] / 60:.1f} min")
+    return root, rec
+
+
+def _qemu_version() -> str | None:
+    try:
+        out = subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.splitlines()[0].strip() if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def install_requirements(root: Path, requirements: Path, progress=None) -> float:
+    """pip install a bundle's requirements.txt into the root's venv (a no-op once there)."""
+    dst = root / "tmp" / "edgebuild-requirements.txt"
+    shutil.copyfile(requirements, dst)
+    seconds = _step(progress, f"emulation: pip install {requirements.parent.name} requirements (arm64 wheels)",
+                    [f"{VENV}/bin/pip", "install", "--prefer-binary", "-r", "/tmp/edgebuild-requirements.txt"], total=30, root=root)
+    dst.unlink(missing_ok=True)
+    return seconds
