@@ -148,10 +148,12 @@ def _torchrun(f):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR", help="stage cache folder")
 @click.option("--reproducible", is_flag=True, default=None,
               help="leave host timings out of the bundles so the same inputs give byte-identical archives (implied by SOURCE_DATE_EPOCH)")
+@click.option("--emulate", is_flag=True,
+              help="validate aarch64 targets under qemu-user in an arm64 Debian root (made once, ~10 min): accuracy and agreement, no latency")
 @click.option("--nproc", type=click.IntRange(min=1), help="train on N processes on this machine (runs the build under torchrun)")
 @click.option("--dry-run", is_flag=True, help="print the plan (what is cached, what runs and why) and stop")
 @_torchrun
-def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run):
+def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run, emulate):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
     from .config import load_build_config
@@ -169,7 +171,8 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
     from . import distributed
 
     progress = Progress("quiet" if as_json or not distributed.is_main() else "auto")
-    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None)
+    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None,
+              emulate=emulate)
     if dry_run:
         plan = b.dry_run()
         if as_json:
@@ -203,13 +206,14 @@ def _summary(report: dict, out: Path) -> None:
     for name, t in report["targets"].items():
         m = t["metrics"]
         measured = m.get("status") == "measured"
+        emulated = m.get("status") == "emulated"
         table.add_row(
             name, (t.get("precision") or {}).get("effective") or t["profile"]["precision"],
-            f"{m['accuracy']:.4f}" if measured else "-",
-            f"{m['agreement']:.4f}" if measured else "-",
+            f"{m['accuracy']:.4f}" if measured or emulated else "-",
+            f"{m['agreement']:.4f}" if measured or emulated else "-",
             f"{m['latency_p50_ms']:.3f}" if measured else "-",
             f"{m['size_bytes'] / 1e3:.1f} kB",
-            t["status"] if measured else f"not run: {m.get('reason')}",
+            t["status"] if measured else f"{t['status']}: {m['validated']}, latency not measured" if emulated else f"not run: {m.get('reason')}",
         )
     console = Console()
     if not console.is_terminal:
@@ -296,15 +300,21 @@ def verify(bundle):
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
-def validate(bundle, as_json):
-    """Re-run a bundle's self-test and benchmark on this host."""
+@click.option("--emulate", is_flag=True, help="run an aarch64 bundle under qemu-user (self-test and golden agreement; no latency)")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR", help="where the emulation root is kept")
+def validate(bundle, as_json, emulate, cache_dir):
+    """Re-run a bundle's self-test and benchmark on this host (or under emulation)."""
+    from .progress import Progress
     from .verify import validate_bundle
 
-    result = validate_bundle(bundle)
+    result = validate_bundle(bundle, emulate=emulate, cache_root=cache_dir, progress=Progress("quiet" if as_json else "auto"))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"selftest: {result['selftest']}")
+        click.echo(f"selftest: {result['selftest']}" + (f" ({result['validated']})" if result.get("validated") else ""))
+        if "golden_agreement" in result:
+            click.echo(f"golden agreement {result['golden_agreement']:.4f}, max abs diff {result['golden_max_abs_diff']:.3g}; "
+                       f"{result['emulation']['seconds_per_image']:.3f} s per image emulated")
         if result["selftest"] != "passed" and result.get("selftest_output"):
             click.echo(result["selftest_output"], err=True)
         b = result.get("benchmark")

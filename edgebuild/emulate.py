@@ -31,7 +31,10 @@ HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
 def root_dir(cache_root: Path) -> Path:
-    return Path(cache_root) / "emulation" / f"debian-{SUITE}-{DEB_ARCH}"
+    """Where the root lives: EDGEBUILD_EMULATION_ROOT, else under the edgebuild cache (shared by
+    every build that uses this cache; tests point the variable at one shared root)."""
+    env = os.environ.get("EDGEBUILD_EMULATION_ROOT")
+    return Path(env) if env else Path(cache_root) / "emulation" / f"debian-{SUITE}-{DEB_ARCH}"
 
 
 def binfmt_registered() -> bool:
@@ -142,3 +145,71 @@ def install_requirements(root: Path, requirements: Path, progress=None) -> float
                     [f"{VENV}/bin/pip", "install", "--prefer-binary", "-r", "/tmp/edgebuild-requirements.txt"], total=30, root=root)
     dst.unlink(missing_ok=True)
     return seconds
+
+
+EVAL = ("import platform, sys, numpy as np; sys.path.insert(0, sys.argv[1]); import infer; "
+        "np.save(sys.argv[3], np.asarray(infer.Model()(np.load(sys.argv[2])), dtype=np.float32)); print(platform.machine())")
+
+
+def run_bundle(bundle: Path, X, cache_root: Path, progress=None, log=print) -> dict:
+    """Run a bundle's own infer.py in the arm64 root: ``--selftest``, then its Model on ``X``."""
+    import tempfile
+
+    import numpy as np
+
+    root, setup = ensure_root(cache_root, progress, log)
+    install = install_requirements(root, bundle / "requirements.txt", progress)
+    work = Path(tempfile.mkdtemp(dir=root / "tmp", prefix="edgebuild-"))
+    inside = f"/tmp/{work.name}"
+    py = f"{VENV}/bin/python"
+    try:
+        shutil.copytree(bundle, work / "bundle")
+        np.save(work / "x.npy", np.ascontiguousarray(X, dtype=np.float32))
+        t0 = time.perf_counter()
+        st = chroot(root, [py, f"{inside}/bundle/infer.py", "--selftest"], timeout=3600)
+        selftest_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev = chroot(root, [py, "-c", EVAL, f"{inside}/bundle", f"{inside}/x.npy", f"{inside}/logits.npy"], timeout=3600)
+        eval_s = time.perf_counter() - t0
+        if ev.returncode != 0:
+            tail = ev.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {ev.returncode}"]
+            raise EmulationError(f"the bundle's infer.py failed under emulation: {tail[0][:300]}",
+                                 hint="run 'edgebuild validate --emulate BUNDLE' to see the self-test's output")
+        logits = np.load(work / "logits.npy")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = (st.stdout + st.stderr).decode(errors="replace").strip()
+    return {"selftest": "passed" if st.returncode == 0 else "FAILED", "selftest_output": out[-2000:], "logits": logits,
+            "emulation": {"how": VALIDATION, "machine": ev.stdout.decode().strip().splitlines()[-1], "qemu": setup.get("qemu"),
+                          "root": f"debian {SUITE} {DEB_ARCH} (debootstrap minbase)", "root_setup_seconds": setup.get("setup_seconds"),
+                          "requirements_install_seconds": round(install, 1), "selftest_seconds": round(selftest_s, 2),
+                          "eval_seconds": round(eval_s, 2), "seconds_per_image": round(eval_s / max(len(X), 1), 4), "images": int(len(X))}}
+
+
+def validate(profile, bundle: Path, Xval, yval, ref_logits, size_bytes: int, cache_root: Path, progress=None, log=print) -> dict:
+    """Validation metrics of a foreign-arch bundle under emulation: accuracy and agreement, never
+    latency (qemu-user shows correctness, not speed)."""
+    import numpy as np
+
+    from .metrics import accuracy, agreement, max_abs_diff
+
+    log(f"  validating {profile.name} under emulation ({VALIDATION}); correct results, not speed")
+    r = run_bundle(bundle, Xval, cache_root, progress, log)
+    logits = r["logits"]
+    return {
+        "status": "emulated",
+        "validated": VALIDATION,
+        "reason": f"target arch {profile.arch}: validated {VALIDATION}; latency not measured (emulated)",
+        "accuracy": accuracy(logits, yval),
+        "reference_accuracy": accuracy(ref_logits, yval),
+        "agreement": agreement(logits, ref_logits),
+        "max_abs_diff": max_abs_diff(logits, ref_logits),
+        "reference_scale": float(np.max(np.abs(ref_logits))) if ref_logits.size else 0.0,
+        "latency": "not measured (emulated)",
+        "selftest": r["selftest"],
+        "selftest_output": r["selftest_output"],
+        "size_bytes": size_bytes,
+        "samples": int(len(yval)),
+        "settings": {"runtime": profile.runtime, "threads": profile.threads or "default", "emulated": True},
+        "emulation": r["emulation"],
+    }

@@ -68,7 +68,8 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
         c = data.classes[int(data.ytrain[i])]
         counts[c] = counts.get(c, 0) + 1
     calib_hash = hashlib.sha256(np.ascontiguousarray(data.Xtrain[calib_idx]).tobytes()).hexdigest()
-    m = {k: metrics.get(k) for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms", "throughput_ips") if k in metrics}
+    m = {k: metrics.get(k) for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms", "throughput_ips",
+                                     "validated", "latency", "selftest", "emulation") if k in metrics}
     m.update({
         "status": metrics["status"],
         "reason": metrics.get("reason"),
@@ -126,6 +127,11 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
 
 def figures(m: dict) -> list[tuple[str, str]]:
     """The validated figures the bundle README shows."""
+    if m["status"] == "emulated":
+        return [("validation", m["validated"]), ("val accuracy", f"{m['accuracy']:.4f}"),
+                ("fp32 reference accuracy", f"{m['fp32_reference_accuracy']:.4f}"),
+                ("top-1 agreement with reference", f"{m['agreement']:.4f}"), ("max abs diff vs reference", f"{m['max_abs_diff']:.3g}"),
+                ("latency", "not measured (emulated)"), ("size", f"{m['size_bytes']} bytes")]
     if m["status"] != "measured":
         return [("validation", f"not run: {m.get('reason')}"), ("size", f"{m['size_bytes']} bytes")]
     return [

@@ -81,8 +81,9 @@ class BuildResult:
 class Build:
     def __init__(self, cfg: BuildConfig, targets: Optional[list[str]] = None, out: Optional[Path] = None,
                  cache: Optional[Cache] = None, progress: Optional[Progress] = None, targets_dirs: tuple = (),
-                 reproducible: Optional[bool] = None):
+                 reproducible: Optional[bool] = None, emulate: bool = False):
         self.cfg = cfg
+        self.emulate = emulate  # validate foreign-arch targets under qemu-user (emulate.py)
         # reproducible: bundles carry no host timings, so the same inputs give the same bytes
         # from a cold cache too (SOURCE_DATE_EPOCH set implies it, as in other build tools)
         self.reproducible = bool(os.environ.get("SOURCE_DATE_EPOCH")) if reproducible is None else reproducible
@@ -97,6 +98,10 @@ class Build:
             self.profiles[n] = self.registry.get(n)
             check_input_fits(self.profiles[n], cfg.preprocess, self.registry.files.get(n))
         refuse_missing_extras(self.profiles)
+        if emulate and any(p.arch == "aarch64" for p in self.profiles.values()):
+            from .emulate import check_host
+
+            check_host()  # exit 2 with a hint before any work when qemu/debootstrap/binfmt are missing
         self._data: Optional[Data] = None
         self._models: dict[str, Any] = {}
         self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
@@ -187,7 +192,8 @@ class Build:
                 artifact = _step(quantize_stage, name, qparams, qinputs)
                 steps.append(artifact)
             vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,
-                       "arch": prof.arch, "available": unavailable_reason(prof)}
+                       "arch": prof.arch, "available": unavailable_reason(prof),
+                       "emulate": self.emulate and prof.arch == "aarch64" and rt.emulatable and bool(unavailable_reason(prof))}
             vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
                        "runtime": rt.versions()}
             steps.append(_step(validate_stage, name, vparams, vinputs))

@@ -68,8 +68,12 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
 
     def do_validate(out):
         m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress)
-        (out / "metrics.json").write_text(json.dumps(m, indent=2))
         outputs, source = b._golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
+        if b.emulate and m["status"] == "not run" and not vstep.params.get("emulate") and prof.arch == "aarch64":
+            m["reason"] += f"; --emulate covers only runtimes with aarch64 Linux wheels in the root (onnxruntime, litert), not {prof.runtime}"
+        if vstep.params.get("emulate") and m["status"] == "not run":
+            m = _emulated(b, prof, eprof, artifact, m, outputs, golden, out, tmeta, precision_meta, calib_idx, mmeta, effective, mref)
+        (out / "metrics.json").write_text(json.dumps(m, indent=2))
         np.save(out / "golden_outputs.npy", outputs)
         (out / "golden_source.txt").write_text(source)
     vdir = b._stage(vstep, do_validate)
@@ -103,5 +107,24 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
               "precision": {"requested": prof.precision, "effective": effective},
               "quantization": precision_meta or None,
               "compression": mmeta if mstep.stage == "prune" else None,
-              "status": "not run" if metrics["status"] != "measured" else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
+              "status": "not run" if metrics["status"] not in ("measured", "emulated") else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
     return TargetResult(report, rows, stage_row, bundle_name)
+
+
+def _emulated(b: "Build", prof: TargetProfile, eprof: TargetProfile, artifact: Path, m: dict, outputs, golden, out: Path,
+              tmeta: dict, precision_meta: dict, calib_idx, mmeta: dict, effective: str, mref) -> dict:
+    """Validate a foreign-arch target under qemu-user: a draft of its bundle (the same files the
+    real one gets) runs its own infer.py in the arm64 root. Latency stays unmeasured."""
+    from . import emulate
+
+    cfg, data = b.cfg, b.data()
+    draft = out / "emulated-bundle"
+    draft.mkdir()
+    manifest = manifest_mod.build_manifest(cfg, prof, m, tmeta, precision_meta, data, calib_idx, [], mmeta=mmeta, effective=effective)
+    bundle_stage.write_bundle(draft, manifest_mod.bundle_context(cfg, prof, artifact, manifest, data, golden, outputs, effective=effective))
+    try:
+        return emulate.validate(eprof, draft, data.Xval, data.yval, mref, m["size_bytes"], b.cache.root, b.progress, b.progress.log)
+    finally:
+        import shutil
+
+        shutil.rmtree(draft, ignore_errors=True)

@@ -233,7 +233,7 @@ def _manifest_profile(manifest: dict, where: str):
         problems.append(f"model.format {model.get('format')!r} but target format {prof.format!r} (runtime {prof.runtime})")
     if model.get("files") != want:
         problems.append(f"model.files {model.get('files')!r} but a {prof.format} model is {want}")
-    missing = [f for f in want if f not in manifest["files"]]
+    missing = [f for f in want if f not in manifest["files"] and not any(k.startswith(f + "/") for k in manifest["files"])]  # a folder (.mlpackage) lists its files
     if missing:
         problems.append(f"no {', '.join(missing)} in the bundle")
     if model.get("precision") not in ("fp32", "fp16", "int8"):
@@ -244,8 +244,10 @@ def _manifest_profile(manifest: dict, where: str):
     return prof
 
 
-def validate_bundle(path: Path) -> dict:
-    """Verify, then run the bundle's own ``infer.py --selftest`` and a latency benchmark here."""
+def validate_bundle(path: Path, emulate: bool = False, cache_root: Path | None = None, progress=None) -> dict:
+    """Verify, then run the bundle's own ``infer.py --selftest`` and a latency benchmark here;
+    with ``emulate``, an aarch64 bundle runs under qemu-user instead (self-test and agreement with
+    its golden outputs; no latency)."""
     import numpy as np
 
     if os.path.isdir(path):  # one generation of dist/, even if dist/ flips to a newer one meanwhile
@@ -273,6 +275,8 @@ def validate_bundle(path: Path) -> dict:
                 raise BundleError(f"{path}: not a readable bundle archive ({_one_line(e)})", hint="the archive is damaged or truncated; download it again") from None
             manifest = _verify_dir(folder)["manifest"]  # what runs is exactly what was verified
         _manifest_profile(manifest, str(path))  # the manifest agrees with the files before anything runs
+        if emulate:
+            return _validate_emulated(folder, manifest, cache_root, progress)
         try:
             proc = subprocess.run([sys.executable, str(folder / "infer.py"), "--selftest"], capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
@@ -296,3 +300,23 @@ def validate_bundle(path: Path) -> dict:
         metrics = manifest.get("metrics")
         out["build_p50_ms"] = metrics.get("latency_p50_ms") if isinstance(metrics, dict) else None
     return out
+
+
+def _validate_emulated(folder: Path, manifest: dict, cache_root: Path | None, progress) -> dict:
+    import numpy as np
+
+    from . import emulate
+    from .cache import default_root
+    from .metrics import agreement, max_abs_diff
+
+    target = manifest.get("target") or {}
+    if target.get("arch") != "aarch64":
+        raise BundleError(f"{folder}: --emulate is for aarch64 bundles; this one is for {target.get('arch')}",
+                          hint="run 'edgebuild validate BUNDLE' without --emulate on a host of its arch")
+    with np.load(folder / "selftest.npz") as d:
+        x, expected = d["inputs"], d["outputs"]
+    r = emulate.run_bundle(folder, x, Path(cache_root) if cache_root else default_root(), progress,
+                           log=progress.log if progress else (lambda m: None))
+    return {"selftest": r["selftest"], "selftest_output": r["selftest_output"], "validated": emulate.VALIDATION,
+            "golden_agreement": agreement(r["logits"], expected), "golden_max_abs_diff": max_abs_diff(r["logits"], expected),
+            "benchmark": None, "benchmark_reason": "not measured (emulated)", "emulation": r["emulation"]}

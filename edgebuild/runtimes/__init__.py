@@ -8,8 +8,11 @@ runtime themselves; a new runtime is a module here plus profiles and a template 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +85,7 @@ class Adapter:
     packages: tuple[str, ...] = ()  # distributions whose versions key the cache and the manifest
     package = ""  # what a bundle's requirements.txt pins
     accuracy_control = False  # quantize() accepts an accuracy-control callback (NNCF)
+    emulatable = False  # its bundle runs on aarch64 Linux (wheels exist), so --emulate can validate it
 
     def missing(self) -> str | None:
         """Why this runtime cannot be used at all here (its extra is not installed), or None."""
@@ -140,6 +144,23 @@ class Adapter:
     def manifest_extra(self, profile: TargetProfile, artifact: Path) -> dict:
         """What the manifest's ``model`` records beyond the common fields (reports of the tools)."""
         return {}
+
+
+@contextlib.contextmanager
+def native_logs_dropped():
+    """Native libraries (ExecuTorch's cpuinfo/threadpool) log to file descriptor 2 directly,
+    past Python's redirection: drop that while they load and run here."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def copy_path(src: Path, dst: Path) -> None:

@@ -53,9 +53,13 @@ class CoreMlAdapter(Adapter):
         precision = ct.precision.FLOAT16 if profile.precision == "fp16" else ct.precision.FLOAT32
 
         def run(m, x):
+            import contextlib
+            import io
+
             ep = torch.export.export(m, (x,)).run_decompositions({})
-            ml = ct.convert(ep, convert_to="mlprogram", compute_precision=precision, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(x.shape))],
-                            outputs=[ct.TensorType(name=OUTPUT_NAME)], minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET))
+            with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+                ml = ct.convert(ep, convert_to="mlprogram", compute_precision=precision, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(x.shape))],
+                                outputs=[ct.TensorType(name=OUTPUT_NAME)], minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET))
             ml.save(str(out / PACKAGE))
 
         _, seconds = convert(model, example, profile.batch, "Core ML conversion", run)

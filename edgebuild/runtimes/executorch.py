@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import TargetProfile
 from ..errors import ModelError
-from . import Adapter, Runner
+from . import Adapter, Runner, native_logs_dropped
 
 PROGRAM = "program.pt2"
 
@@ -24,12 +24,13 @@ class EtRunner(Runner):
         import torch
         from executorch.runtime import Runtime
 
-        if profile.threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        with native_logs_dropped():
+            if profile.threads:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-            _unsafe_reset_threadpool(profile.threads)
+                _unsafe_reset_threadpool(profile.threads)
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
         self._torch = torch
-        self.method = Runtime.get().load_program(str(path)).load_method("forward")
         self.static_batch = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
         from ..stages.bundle import pkg_version
 
@@ -44,7 +45,8 @@ def lower(ep, path: Path) -> None:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    path.write_bytes(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    with native_logs_dropped():
+        path.write_bytes(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
 
 
 def float_layer_names(gm) -> list[str]:
@@ -74,7 +76,7 @@ def quantize_pt2e(src: Path, dst: Path, calib: np.ndarray, profile: TargetProfil
     t0 = time.perf_counter()
     kept: list[str] = []
     try:
-        with quiet():
+        with quiet(), native_logs_dropped():
             ep = torch.export.load(str(src / PROGRAM))
             gm = ep.module()
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel))

@@ -88,6 +88,7 @@ def quantize_litert(src: Path, dst: Path, calib: np.ndarray, profile: TargetProf
 
 
 class LiteRtAdapter(Adapter):
+    emulatable = True
     name = "litert"
     extra = "litert"
     modules = ("litert_torch", "ai_edge_litert.interpreter", "ai_edge_quantizer")
