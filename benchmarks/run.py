@@ -528,6 +528,11 @@ def render_md(res: dict) -> str:
                   f"| cold (empty cache) | {rb['cold_seconds']:.2f} | 100% |",
                   f"| no-op rebuild (best of 3) | {rb['noop_seconds']:.2f} | {100 * rb['noop_seconds'] / rb['cold_seconds']:.1f}% |",
                   f"| one target's threads changed | {rb['threads_change_seconds']:.2f} | {100 * rb['threads_change_seconds'] / rb['cold_seconds']:.1f}% |", ""]
+    edge = ROOT / "benchmarks" / "edge.json"
+    if edge.is_file():  # written by python -m benchmarks.edge (the edge runtimes and emulation)
+        from .edge import render_section
+
+        parts += render_section(json.loads(edge.read_text()))
     return "\n".join(parts) + "\n"
 
 
