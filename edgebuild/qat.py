@@ -172,7 +172,11 @@ def _first_line(e: BaseException) -> str:
 def planned(cfg, prof, max_accuracy_drop) -> Optional[dict]:
     """The QAT settings that key a target's quantize step, or None where QAT cannot run: it runs
     for ``method: qat`` and, as the accuracy guard's last remedy, where an accuracy budget is set."""
+    from .runtimes import adapter
+
     q = cfg.compress.quantize.qat
+    if not adapter(prof.runtime).qat or prof.format not in ("onnx", "openvino"):  # export() below writes ONNX QDQ or OpenVINO IR only
+        return None
     if prof.precision != "int8" or not (prof.quantization.method == "qat" or (q.enabled and max_accuracy_drop is not None)):
         return None
     dc = cfg.compress.distill

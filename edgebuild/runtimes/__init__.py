@@ -85,6 +85,7 @@ class Adapter:
     packages: tuple[str, ...] = ()  # distributions whose versions key the cache and the manifest
     package = ""  # what a bundle's requirements.txt pins
     accuracy_control = False  # quantize() accepts an accuracy-control callback (NNCF)
+    qat = False  # edgebuild.qat can export a quantization-aware trained model to this runtime
     emulatable = False  # its bundle runs on aarch64 Linux (wheels exist), so --emulate can validate it
 
     def missing(self) -> str | None:

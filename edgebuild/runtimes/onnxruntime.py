@@ -193,6 +193,7 @@ def mobile_usability(onnx_path: Path) -> dict:
 
 
 class OrtAdapter(Adapter):
+    qat = True
     emulatable = True
     name = "onnxruntime"
     modules = ("onnxruntime",)

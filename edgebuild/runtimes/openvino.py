@@ -133,6 +133,7 @@ def float_layers(model_path: Path) -> list[str]:
 
 
 class OvAdapter(Adapter):
+    qat = True
     name = "openvino"
     modules = ("openvino",)
     packages = ("openvino", "nncf")
