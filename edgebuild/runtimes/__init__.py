@@ -89,14 +89,20 @@ class Adapter:
     emulatable = False  # its bundle runs on aarch64 Linux (wheels exist), so --emulate can validate it
 
     def missing(self) -> str | None:
-        """Why this runtime cannot be used at all here (its extra is not installed), or None."""
+        """Why this runtime cannot be used at all here (its extra is not installed), or None.
+        Found without importing (the converters are slow and noisy to import)."""
+        import importlib.util
+
         for mod in self.modules:
+            top = mod.split(".")[0]
             try:
-                importlib.import_module(mod)
-            except ImportError as e:
+                found = sys.modules.get(top, True) is not None and importlib.util.find_spec(top) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
                 if self.extra:
-                    return f"the {self.name} runtime needs the '{self.extra}' extra ({mod} does not import: {e})"
-                return f"{mod} is not installed on this host"
+                    return f"the {self.name} runtime needs the '{self.extra}' extra ({top} is not installed)"
+                return f"{top} is not installed on this host"
         return None
 
     def versions(self) -> list:
