@@ -73,7 +73,12 @@ def test_host_runtime_bundle_in_fresh_venv(dist, tmp_path, target):
 def test_coreml_converts_and_says_why_not_run(dist):
     b = dist / f"{NAME}-ios-coreml-fp16"
     pkg = b / "model.mlpackage"
-    assert (pkg / "Manifest.json").is_file() and any(p.suffix == ".mil" for p in pkg.rglob("*"))
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(pkg))  # the ML Program itself, read without running it
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert [i.name for i in spec.description.input] == ["input"] and list(spec.description.input[0].type.multiArrayType.shape) == [1, 1, 32, 32]
+    assert [o.name for o in spec.description.output] == ["logits"]
     m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
     assert m["metrics"]["status"] == "not run" and m["metrics"]["reason"].startswith("needs macOS")
     assert m["selftest_reference"].startswith("PyTorch reference")
