@@ -1,0 +1,137 @@
+"""Search benchmark (issue 16): `compress.search` on ResNet-18 / MobileNetV2 at 224x224 against
+the unpruned int8 artifact (the hand-written recipe: quantize_static / nncf.quantize defaults on
+the unpruned model), measured side by side in the same process by the search itself.
+
+    flock /work/heavy.lock python -m benchmarks.search --models resnet18 [--quick]
+
+Writes benchmarks/search-results.json and benchmarks/SEARCH.md. The backbones are the HF configs
+of benchmarks/run.py with random weights (nothing is downloaded); the data is a synthetic 4-class
+task made hard enough that the fp32 model stays below 97% on val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .run import hf_config, machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["x86-onnxruntime-int8", "x86-openvino-int8"]
+
+
+def make_project(root: Path, kind: str, n_train: int, n_val: int, ratios: list[float], precisions: list[str], minutes: float) -> Path:
+    from PIL import Image
+
+    hf_config(kind).save_pretrained(root / "hf")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(4):
+            d = root / "data" / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.normal(128, 40, (224, 224, 3))
+                arr[..., c % 3] += 10 if c < 3 else -10  # a faint tint: the classes overlap
+                Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(d / f"{i}.png")
+    (root / "edgebuild.yaml").write_text(textwrap.dedent(f"""\
+        name: {kind}
+        seed: 0
+        backbone: {{source: "hf:hf"}}
+        data: {{train: data/train, val: data/val}}
+        preprocess: {{input_size: [224, 224], color: rgb, resize: stretch, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
+        transfer: {{mode: features, epochs: 30, batch_size: 16, lr: 0.05}}
+        compress:
+          prune: {{importance: l2, recover_epochs: 1}}
+          distill: {{temperature: 4.0, alpha: 0.5}}
+          quantize: {{calibration_samples: 64, qat: {{enabled: false}}}}
+          search: {{prune_ratios: {ratios}, precisions: {precisions}, finalists: 2, minutes: {minutes}, recalibration_samples: 64, benchmark_seconds: 2}}
+        targets: {TARGETS}
+        budgets: {{max_accuracy_drop: 0.01, min_agreement: 0.0}}
+        """))
+    return root / "edgebuild.yaml"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet18,mobilenetv2")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ratios", default="0.0,0.5,0.7")
+    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--minutes", type=float, default=30)
+    opts = ap.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from edgebuild.cache import Cache
+    from edgebuild.config import load_build_config
+    from edgebuild.errors import GateFailed
+    from edgebuild.pipeline import Build
+    from edgebuild.progress import Progress
+
+    out_json = ROOT / "benchmarks" / "search-results.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {"models": {}}
+    results.update({"date": datetime.date.today().isoformat(), "machine": machine_info()})
+    work = Path(tempfile.mkdtemp(prefix="edgebuild-search-bench-"))
+    ratios = [float(r) for r in opts.ratios.split(",")]
+    precisions = opts.precisions.split(",")
+    for kind in opts.models.split(","):
+        print(f"== {kind}", file=sys.stderr)
+        n_train, n_val = (8, 8) if opts.quick else (48, 40)
+        cfg = make_project(work / kind, kind, n_train, n_val, ratios, precisions, opts.minutes)
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            Build(load_build_config(cfg), None, work / kind / "dist", Cache(work / "cache"), Progress("plain")).run()
+        except GateFailed as e:
+            status = f"exit 3: {e.message}"
+        wall = time.perf_counter() - t0
+        s = json.loads((work / kind / "dist" / "search.json").read_text())
+        results["models"][kind] = {"status": status, "build_seconds": wall, "n_train": 4 * n_train, "n_val": 4 * n_val,
+                                   "command": f"flock /work/heavy.lock python -m benchmarks.search --models {kind}"
+                                              + (" --quick" if opts.quick else "") + f" --ratios {opts.ratios} --precisions {opts.precisions}",
+                                   "search": s}
+        out_json.write_text(json.dumps(results, indent=1, default=str))
+        (ROOT / "benchmarks" / "SEARCH.md").write_text(render(results))
+    return 0
+
+
+def render(res: dict) -> str:
+    lines = ["# Search benchmark (issue 16)", "",
+             f"Generated by `python -m benchmarks.search` on {res['date']}, under `flock /work/heavy.lock`. "
+             f"Machine: {res['machine'].get('cpu', '')}; batch 1, each profile's threads (2). Backbones: HF configs with random weights "
+             "(no download); data: synthetic 4-class faint-tint task at 224x224 (fp32 well below 97%). Budget: max_accuracy_drop 0.01. "
+             "'unpruned int8' is the hand-written recipe (quantize_static / nncf.quantize defaults on the unpruned model), measured in the same "
+             "process with the same harness.", ""]
+    for kind, m in res["models"].items():
+        s = m["search"]
+        lines += [f"## {kind}", "", f"Command: `{m['command']}`. Build with search: {m['build_seconds']:.0f} s wall "
+                  f"({m['n_train']} train / {m['n_val']} val images). Status: {m['status']}. fp32 teacher val accuracy {s['base_accuracy']:.4f}.", ""]
+        for g in s["groups"]:
+            rows = g["candidates"]
+            lines += [f"### {', '.join(g['targets'])}", "",
+                      "| candidate | p50 ms | p90 ms | size MB | MMACs | proxy acc | final acc | pareto | chosen |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                fa = f"{r['final_accuracy']:.4f}" if r.get("final_accuracy") is not None else "-"
+                lines.append(f"| {r['label']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['size_bytes'] / 1e6:.2f} | {r['macs'] / 1e6:.0f} | "
+                             f"{r['proxy_accuracy']:.4f} | {fa} | {'yes' if r['pareto'] else ''} | {'**yes**' if r['chosen'] else ''} |")
+            base = next((r for r in rows if r["label"] == "unpruned int8"), None)
+            if g.get("chosen") is not None and base:
+                c = rows[g["chosen"]]
+                lines += ["", f"Chosen: {g['why']}. Against the hand-written recipe (unpruned int8, {base['p50_ms']:.2f} ms): "
+                          f"**{base['p50_ms'] / c['p50_ms']:.2f}x**."]
+            corr = g.get("rank_correlation_proxy_final")
+            lines += ["", f"Rank correlation proxy vs final accuracy: {corr:.2f}" if corr is not None else
+                      f"Rank correlation proxy vs final accuracy: n/a ({g['finalists']} finalists)", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
