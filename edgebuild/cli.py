@@ -191,6 +191,8 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
         click.echo(json.dumps(report, indent=2, default=str))
         return
     _summary(report, b.out)
+    for w in report.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)
     for path in result.bundles:
         click.echo(f"bundle: {path}  (+ {path.name}.tar.gz)")
     click.echo(f"built {len(result.bundles)} bundle(s) in {time.perf_counter() - t0:.1f}s; report: {b.out / 'report.html'}")
@@ -209,7 +211,7 @@ def _summary(report: dict, out: Path) -> None:
         emulated = m.get("status") == "emulated"
         table.add_row(
             name, (t.get("precision") or {}).get("effective") or t["profile"]["precision"],
-            f"{m['accuracy']:.4f}" if measured or emulated else "-",
+            (f"{m['accuracy']:.4f}" + (f" (test {m['test_accuracy']:.4f})" if m.get("test_accuracy") is not None else "")) if measured or emulated else "-",
             f"{m['agreement']:.4f}" if measured or emulated else "-",
             f"{m['latency_p50_ms']:.3f}" if measured else "-",
             f"{m['size_bytes'] / 1e3:.1f} kB",

@@ -87,8 +87,19 @@ class BackboneConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str
-    val: str
+    train: str = Field(description="image folder (one sub-folder per class) or list file (.csv 'path,label' / .jsonl)")
+    val: Optional[str] = None
+    test: Optional[str] = Field(None, description="held out: never used for selection or calibration; reported and gated")
+    val_split: Optional[Float] = Field(None, gt=0, lt=1, description="fraction of train held out as val (seeded, stratified) when val is not given")
+    workers: Int = Field(0, ge=0, le=256, description="image-decoding processes; 0 = one per CPU core (at most 8)")
+
+    @model_validator(mode="after")
+    def _val_source(self) -> "DataConfig":
+        if self.val is not None and self.val_split is not None:
+            raise ValueError("give either 'val' or 'val_split', not both")
+        if self.val is None and self.val_split is None:
+            raise ValueError("'val' (a folder or list file) or 'val_split' (e.g. 0.2) is required")
+        return self
 
 
 class PreprocessConfig(_Strict):
@@ -134,14 +145,49 @@ class PreprocessConfig(_Strict):
         return self
 
 
+class AugmentConfig(_Strict):
+    """Training-batch augmentation (never val, test, calibration or self-test)."""
+    crop_scale: tuple[Float, Float] = Field((0.6, 1.0), description="random-resized-crop: area range of the crop; [1, 1] = no crop")
+    hflip: bool = Field(True, description="random horizontal flip")
+    color_jitter: Float = Field(0.1, ge=0, le=1, description="brightness/contrast/saturation strength; 0 = off")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("need 0 < low <= high <= 1")
+        return v
+
+
+DEFAULT_LR = {"sgd": 0.01, "adamw": 0.001}
+
+
 class TransferConfig(_Strict):
     mode: Literal["finetune", "features", "scratch"] = "finetune"
     epochs: Int = Field(10, ge=0, le=10000)
     warmup_epochs: Int = Field(0, ge=0, le=10000, description="head-only epochs before fine-tuning all weights")
     batch_size: Int = Field(64, ge=1, le=65536)
-    lr: Float = Field(0.01, gt=0, le=10)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Optional[Float] = Field(None, gt=0, le=10, description="default per optimizer: sgd 0.01, adamw 0.001")
     weight_decay: Float = Field(0.0, ge=0, le=1)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    patience: Optional[Int] = Field(None, ge=1, le=10000, description="stop after this many epochs without a better val accuracy")
+    augment: Union[bool, AugmentConfig, None] = Field(None, description="default: on for finetune and scratch, off for features")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def effective_augment(self) -> Optional[AugmentConfig]:
+        """The augmentation training batches get, or None."""
+        a = self.augment
+        if a is None:
+            a = self.mode != "features"
+        if a is True:
+            return AugmentConfig()
+        return a or None
 
 
 class PruneConfig(_Strict):
@@ -150,8 +196,12 @@ class PruneConfig(_Strict):
     scope: Literal["global", "uniform"] = "uniform"
     keep: list[str] = Field(default_factory=list, description="module names never pruned (the new head always is)")
     stage_ratios: dict[str, Float] = Field(default_factory=dict, description="per stage: module name -> its own ratio")
-    recover_epochs: Int = Field(0, ge=0, le=10000)
+    recover_epochs: Optional[Int] = Field(None, ge=0, le=10000, description="default: half the transfer epochs (at least 1)")
     lr: Optional[Float] = Field(None, gt=0, le=10)
+
+    def effective_recover_epochs(self, transfer_epochs: int) -> int:
+        """recover_epochs, or half the transfer epochs (at least 1) when not set."""
+        return self.recover_epochs if self.recover_epochs is not None else max(1, (transfer_epochs + 1) // 2)
 
 
 class DistillConfig(_Strict):
@@ -208,6 +258,7 @@ class Budgets(_Strict):
     max_latency_ms: Optional[Float] = Field(None, gt=0, description="p90 latency on the target runtime")
     max_size_mb: Optional[Float] = Field(None, gt=0)
     max_accuracy_drop: Optional[Float] = Field(None, ge=0, le=1)
+    min_accuracy: Optional[Float] = Field(None, ge=0, le=1, description="absolute accuracy the artifact must reach (val, and test when given)")
     min_agreement: Optional[Float] = Field(None, ge=0, le=1, description="top-1 agreement with the reference")
 
 

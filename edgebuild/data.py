@@ -1,4 +1,6 @@
-"""Image-folder datasets, the one preprocessing function, calibration subsets, fingerprints."""
+"""Image folders, decoding an image file (with every refusal), calibration subsets, fingerprints.
+
+List files (.csv / .jsonl) and val_split: sources.py. The decoded-image store: store.py."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from .config import PreprocessConfig
 from .errors import DataError
 from .files import check_path
 from .preprocess import FORMATS, open_image
+from .preprocess import decode as _decode
+from .preprocess import normalize as _normalize
 from .preprocess import preprocess as _preprocess
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -43,6 +47,13 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
+    """One image file -> the model input (float32 C, H, W)."""
+    return _normalize(decode_file(path, cfg.input_size, cfg.color, cfg.resize), cfg.color, cfg.mean, cfg.std)
+
+
+def decode_file(path: str | os.PathLike, input_size, color: str, resize: str) -> np.ndarray:
+    """One image file -> uint8 (H, W, C) after mode conversion and resize; DataError naming
+    the file for anything that is not a readable image."""
     path = Path(path)
     _check_regular(path)
     try:
@@ -56,7 +67,7 @@ def load_image(path: str | os.PathLike, cfg: PreprocessConfig) -> np.ndarray:
                     hint="downscale the image before adding it to the dataset",
                 )
             img.load()
-            return preprocess_image(img, cfg)
+            return _decode(img, input_size, color, resize)
     except DataError:
         raise
     except UnidentifiedImageError:
@@ -197,35 +208,14 @@ def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
         )
 
 
-def _available_memory() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this platform
-        return None
-
-
-def load_arrays(folder: ImageFolder, cfg: PreprocessConfig, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    h, w = cfg.input_size
-    need = len(folder) * cfg.channels * h * w * 4 * 2  # the images, and the stacked array
-    avail = _available_memory()
-    if avail is not None and need > avail:
-        raise DataError(f"{folder.root}: {len(folder)} images at {cfg.channels} x {h} x {w} float32 need {need / 2**30:.1f} GiB; "
-                        f"{avail / 2**30:.1f} GiB of memory is free", hint="lower 'preprocess.input_size' or use fewer images")
-    xs = []
-    for i, f in enumerate(folder.files):
-        xs.append(load_image(f, cfg))
-        if progress:
-            progress(i + 1)
-    return np.stack(xs).astype(np.float32), np.asarray(folder.targets, dtype=np.int64)
-
-
-def fingerprint_folder(folder: ImageFolder) -> str:
-    """sha256 over (relative path, content) of every image, in order."""
+def fingerprint_folder(folder: ImageFolder, digest: Callable[[Path], str] = sha256_file) -> str:
+    """sha256 over (path relative to the folder or list file, label, content) of every image, in order."""
+    base = folder.root if folder.root.is_dir() else folder.root.parent
     h = hashlib.sha256()
-    for f in folder.files:
-        h.update(str(f.relative_to(folder.root)).encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
-        h.update(sha256_file(f).encode())
+    for f, t in zip(folder.files, folder.targets):
+        h.update(os.path.relpath(f, base).encode("utf-8", "surrogateescape"))
+        h.update(b"\0" + folder.classes[t].encode("utf-8", "surrogateescape") + b"\0")
+        h.update(digest(f).encode())
     return h.hexdigest()
 
 

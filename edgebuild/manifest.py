@@ -68,8 +68,8 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
         c = data.classes[int(data.ytrain[i])]
         counts[c] = counts.get(c, 0) + 1
     calib_hash = hashlib.sha256(np.ascontiguousarray(data.Xtrain[calib_idx]).tobytes()).hexdigest()
-    m = {k: metrics.get(k) for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms", "throughput_ips",
-                                     "validated", "latency", "selftest", "emulation") if k in metrics}
+    m = {k: metrics.get(k) for k in ("accuracy", "test_accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms",
+                                     "throughput_ips", "validated", "latency", "selftest", "emulation") if k in metrics}
     m.update({
         "status": metrics["status"],
         "reason": metrics.get("reason"),
@@ -102,8 +102,9 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
         },
         "preprocess": preprocess_args(cfg.preprocess),
         "labels": list(data.classes),
+        "data": getattr(data, "record", None),
         "metrics": m,
-        "transfer": {k: tmeta.get(k) for k in ("mode", "head", "features", "val_accuracy", "device", "world_size", "backend", "precision", "mean_epoch_seconds")},
+        "transfer": {k: tmeta.get(k) for k in ("mode", "head", "features", "val_accuracy", "test_accuracy", "best_epoch", "optimizer", "lr", "augment", "device", "world_size", "backend", "precision", "mean_epoch_seconds")},
         "compression": compression(mmeta) if "accuracy_after_prune" in mmeta else None,
         "provenance": {
             "config_sha256": sha256_file(cfg.path) if cfg.path else None,

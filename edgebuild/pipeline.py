@@ -8,7 +8,6 @@ which stages are cached and why the others run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,14 +22,8 @@ import numpy as np
 from . import __version__, backbones, distributed
 from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, PruneConfig, TargetProfile
-from .data import (
-    calibration_indices,
-    check_same_classes,
-    fingerprint_folder,
-    load_arrays,
-    scan_folder,
-    sha256_file,
-)
+from .data import calibration_indices, sha256_file
+from .dataset import Data, prepare
 from . import manifest as manifest_mod
 from . import qat as qat_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
@@ -49,17 +42,7 @@ from .plan import Step, print_plan, plan_json, why
 from .plan import step as _step
 from .target_run import build_target
 
-@dataclass
-class Data:
-    classes: list[str]
-    Xtrain: np.ndarray
-    ytrain: np.ndarray
-    Xval: np.ndarray
-    yval: np.ndarray
-    val_files: list[Path]
-    fingerprint: str
-    train_counts: dict
-    val_counts: dict
+CHANCE_MARGIN = 0.05  # a val accuracy this close to chance is a warning and a report flag
 
 
 def _gate_hint(failed: list[dict]) -> str:
@@ -103,6 +86,7 @@ class Build:
 
             check_host()  # exit 2 with a hint before any work when qemu/debootstrap/binfmt are missing
         self._data: Optional[Data] = None
+        self._force = not self.cache.enabled  # --force decodes the images again too
         self._models: dict[str, Any] = {}
         self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
         self.search: Optional[dict] = None
@@ -110,21 +94,18 @@ class Build:
 
     # ------------------------------------------------------------------ inputs
     def data(self) -> Data:
+        """The splits, fingerprinted; their images are decoded into the store on first use."""
         if self._data is None:
-            cfg = self.cfg
-            train = scan_folder(cfg.resolve(cfg.data.train), "train")
-            val = scan_folder(cfg.resolve(cfg.data.val), "val")
-            check_same_classes(train, val)
-            total = len(train) + len(val)
-            with self.progress.task("loading images", total) as t:
-                Xtr, ytr = load_arrays(train, cfg.preprocess, lambda n: t.update(n) if n % 200 == 0 else None)
-                Xva, yva = load_arrays(val, cfg.preprocess, lambda n: t.update(len(train) + n) if n % 200 == 0 else None)
-                t.update(total)
-            # the images and the preprocessing code that turns them into tensors
-            code = sha256_file(Path(__file__).resolve().parent / "preprocess.py")
-            fp = hashlib.sha256(f"train:{fingerprint_folder(train)}\nval:{fingerprint_folder(val)}\npreprocess:{code}\n".encode()).hexdigest()
-            self._data = Data(train.classes, Xtr, ytr, Xva, yva, val.files, fp, train.class_counts(), val.class_counts())
+            self._data = prepare(self.cfg, self.cache.root, self.progress, rebuild=self._force and distributed.is_main())
         return self._data
+
+    def _features_key(self, data: Data) -> str:
+        """What the frozen backbone's features depend on: images, preprocessing, backbone, torch."""
+        cfg = self.cfg
+        params = {"preprocess": cfg.preprocess.model_dump(), "source": cfg.backbone.source, "classifier": cfg.backbone.classifier,
+                  "pretrained": cfg.backbone.pretrained, "batch": transfer_stage.FEATURE_BATCH}
+        return make_key("features", transfer_stage.VERSION, params,
+                        {**self._backbone_inputs(), "data": data.fingerprint, "torch": bundle_stage.pkg_version("torch")})
 
     def _backbone_inputs(self, cfg: Optional[BuildConfig] = None) -> dict:
         cfg = cfg or self.cfg
@@ -209,8 +190,9 @@ class Build:
     def prune_step(self, pc, align: int, model_key: str) -> Step:
         cfg, pv = self.cfg, {p: bundle_stage.pkg_version(p) for p in ("torch", "torch-pruning")}
         pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
-                   "align": align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.lr,
-                   "weight_decay": cfg.transfer.weight_decay}
+                   "align": align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.effective_lr,
+                   "weight_decay": cfg.transfer.weight_decay, "optimizer": cfg.transfer.optimizer,
+                   "recover_epochs": pc.effective_recover_epochs(cfg.transfer.epochs)}
         return _step(prune_stage, "", pparams, {"model": model_key, "data": self.data().fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]})
 
     # ------------------------------------------------------------------ stage execution
@@ -257,10 +239,17 @@ class Build:
         example = transfer_stage.example_input(cfg)
 
         tstep = by[("transfer", "")]
-        tdir = self._stage(tstep, lambda out: transfer_stage.run(cfg, data, out, self.progress), shared=True)
+        fcache = self.cache.root / "data" / "features" / self._features_key(data) if cfg.transfer.mode == "features" else None
+        tdir = self._stage(tstep, lambda out: transfer_stage.run(cfg, data, out, self.progress, features_cache=fcache), shared=True)
         tmeta = json.loads((tdir / "meta.json").read_text())
         ref_logits = np.load(tdir / "val_logits.npy")
         fp32_acc = float(tmeta["val_accuracy"])
+        warnings_: list[str] = []
+        chance = tmeta.get("chance_accuracy")
+        near_chance = chance is not None and fp32_acc <= chance + CHANCE_MARGIN
+        if near_chance:
+            warnings_.append(f"val accuracy {fp32_acc:.4f} is within {CHANCE_MARGIN:.2f} of chance ({chance:.4f}): the model has not learned the task; "
+                             "check the labels, the lr (transfer.lr) and the number of epochs")
         calib_idx = calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)
         # the model each target starts from: the transferred one, or its pruned version per align
         models: dict[str, dict] = {tstep.key: {"step": tstep, "dir": tdir, "meta": tmeta, "ref_logits": ref_logits}}
@@ -277,6 +266,7 @@ class Build:
             if not distributed.is_main():
                 continue
             pmeta = json.loads((pdir / "meta.json").read_text())
+            warnings_ += [w for w in pmeta.get("warnings", []) if w not in warnings_]
             models[pstep.key] = {"step": pstep, "dir": pdir, "meta": pmeta, "ref_logits": np.load(pdir / "val_logits.npy")}
         if distributed.end_of_training():
             return None  # a worker: training is over; the CLI waits for rank 0's exit status
@@ -302,6 +292,9 @@ class Build:
                 targets_report[name] = r.report
             report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
             report["stages"] = stage_rows
+            report["warnings"] = warnings_
+            report["transfer"]["near_chance"] = near_chance
+            report["data"] = data.record
             report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for m in models.values() if m["step"].stage == "prune"} or None
             report["distillation"] = self.distillation
             report["search"] = self.search

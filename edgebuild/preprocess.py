@@ -67,20 +67,29 @@ def resize(img, height, width, mode):
     raise ValueError("unknown resize mode: " + str(mode))
 
 
-def preprocess(img, input_size, color, resize_mode, mean, std):
-    """PIL image -> float32 array of shape (C, H, W), normalised as (x/255 - mean) / std.
-    color 'bgr' gives channels in B, G, R order."""
+def decode(img, input_size, color, resize_mode):
+    """PIL image -> uint8 array of shape (H, W, C): mode conversion and resize, before any
+    float arithmetic (what the build's image store keeps on disk)."""
     height, width = int(input_size[0]), int(input_size[1])
-    img = resize(to_mode(img, color), height, width, resize_mode)
-    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    arr = np.asarray(resize(to_mode(img, color), height, width, resize_mode), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalize(arr, color, mean, std):
+    """uint8 (H, W, C) or a batch (N, H, W, C) -> float32 (C, H, W) or (N, C, H, W),
+    normalised as (x/255 - mean) / std. color 'bgr' gives channels in B, G, R order."""
+    arr = np.asarray(arr, dtype=np.float32) / np.float32(255.0)
     if color == "bgr":
-        arr = arr[:, :, ::-1]
+        arr = arr[..., ::-1]
     mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
     std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
     arr = (arr - mean) / std
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(arr, -1, -3), dtype=np.float32)
+
+
+def preprocess(img, input_size, color, resize_mode, mean, std):
+    """PIL image -> float32 array of shape (C, H, W): decode, then normalize."""
+    return normalize(decode(img, input_size, color, resize_mode), color, mean, std)
 
 
 def load_image(path, input_size, color, resize_mode, mean, std):

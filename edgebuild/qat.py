@@ -180,7 +180,7 @@ def planned(cfg, prof, max_accuracy_drop) -> Optional[dict]:
     if prof.precision != "int8" or not (prof.quantization.method == "qat" or (q.enabled and max_accuracy_drop is not None)):
         return None
     dc = cfg.compress.distill
-    return {"epochs": q.epochs, "lr": q.lr if q.lr is not None else cfg.transfer.lr / 10, "batch_size": cfg.transfer.batch_size,
+    return {"epochs": q.epochs, "lr": q.lr if q.lr is not None else cfg.transfer.effective_lr / 10, "batch_size": cfg.transfer.batch_size,
             "temperature": dc.temperature if dc else 4.0, "alpha": dc.alpha if dc else 0.5, "seed": cfg.seed}
 
 

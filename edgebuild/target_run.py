@@ -67,7 +67,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     golden = bundle_stage.golden_indices(data.yval)
 
     def do_validate(out):
-        m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress)
+        m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress, Xtest=data.Xtest, ytest=data.ytest)
         outputs, source = b._golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
         if b.emulate and m["status"] == "not run" and not vstep.params.get("emulate") and prof.arch == "aarch64":
             m["reason"] += f"; --emulate covers only runtimes with aarch64 Linux wheels in the root (onnxruntime, litert), not {prof.runtime}"
@@ -78,7 +78,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         (out / "golden_source.txt").write_text(source)
     vdir = b._stage(vstep, do_validate)
     metrics = json.loads((vdir / "metrics.json").read_text())
-    rows = budgets_mod.annotate(validate_stage.gates(name, effective, metrics, budgets, fp32_acc) + quantize_stage.guard_gate_rows(name, precision_meta), limits)
+    rows = budgets_mod.annotate(validate_stage.gates(name, effective, metrics, budgets, fp32_acc, tmeta.get("test_accuracy")) + quantize_stage.guard_gate_rows(name, precision_meta), limits)
     bundle_name = f"{cfg.name}-{name}"
     bdir = staging / bundle_name
     bdir.mkdir()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import nn
 
 from . import distributed
 from .progress import Progress
+
+NOTE_SECONDS = 2.0  # progress within an epoch: at most one line this often
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -39,18 +41,18 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, X: np.ndarray | torch.Tensor, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
+def predict(model: nn.Module, X, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+    """Outputs for ``X`` (an array, a tensor or a store.ImageArray), batch by batch."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
-    X = torch.as_tensor(X)
     outs = []
     for b in range(0, len(X), batch_size):
-        outs.append(model(X[b : b + batch_size].to(device)).float().cpu())
+        outs.append(model(torch.as_tensor(X[b : b + batch_size]).to(device)).float().cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
-def predict_sharded(model: nn.Module, X: np.ndarray, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
+def predict_sharded(model: nn.Module, X: np.ndarray, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
     """``predict`` with the rows shared out over the ranks (contiguous shards, all_gather)."""
     if not distributed.active():
         return predict(model, X, batch_size, device)
@@ -71,6 +73,8 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None  # the epoch whose weights the model holds (best val accuracy)
+    stopped_early: bool = False
     seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
     world_size: int = 1
@@ -98,9 +102,17 @@ def fit(
     temperature: float = 4.0,
     alpha: float = 0.5,
     train_mode: bool = True,
+    optimizer: str = "sgd",
+    label_smoothing: float = 0.0,
+    patience: int | None = None,
+    augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> FitResult:
-    """SGD with momentum and a cosine schedule. With a teacher: loss = alpha * T^2 * KL(soft)
-    + (1 - alpha) * CE(hard). ``train_mode`` False keeps BatchNorm statistics frozen.
+    """``optimizer`` sgd (momentum 0.9) or adamw; the lr warms up linearly over the first epoch
+    (at most 10% of the steps), then follows a cosine decay to 0. ``augment`` transforms each
+    training batch (never val). The model ends with the weights of its best epoch by val
+    accuracy (the first of equals); ``patience`` stops after that many epochs without a better
+    one. With a teacher: loss = alpha * T^2 * KL(soft) + (1 - alpha) * CE(hard, with
+    ``label_smoothing``). ``train_mode`` False keeps BatchNorm statistics frozen.
 
     Under torchrun: DistributedDataParallel; each rank trains on a disjoint shard of every
     epoch's permutation in local batches of ceil(batch_size / world size); the loss and the
@@ -125,33 +137,44 @@ def fit(
 
         # broadcast_buffers off: rank 0's BatchNorm statistics are broadcast once per epoch
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
-    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    yt = torch.as_tensor(np.asarray(y))
     local_batch = math.ceil(batch_size / world)
-    steps_per_epoch = math.ceil(math.ceil(len(Xt) / world) / local_batch)
+    steps_per_epoch = math.ceil(math.ceil(len(yt) / world) / local_batch)
     total_steps = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    warm = min(steps_per_epoch, total_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, total_steps))
     gen = torch.Generator().manual_seed(seed)
     t_start = time.perf_counter()
-    ctx = progress.task(label, epochs) if progress else None
+    ctx = progress.task(label, total_steps) if progress else None
     task = ctx.__enter__() if ctx else None
+    best_acc, best_state, since_best = -1.0, None, 0
+    step = 0
+    last_note = time.perf_counter()
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
             model.train(train_mode)
-            perm = distributed.epoch_shard(torch.randperm(len(Xt), generator=gen))
+            perm = distributed.epoch_shard(torch.randperm(len(yt), generator=gen))
             total_loss, n = 0.0, 0
             for b in range(0, len(perm), local_batch):
                 idx = perm[b : b + local_batch]
-                xb, yb = Xt[idx].to(device), yt[idx].to(device)
+                rows = np.sort(idx.numpy())  # sorted: the store reads runs of rows at once
+                xb, yb = torch.as_tensor(X[rows]), yt[rows]
+                if augment is not None:
+                    xb = augment(xb)
+                xb, yb = xb.to(device), yb.to(device)
                 with torch.autocast(device.type, dtype=half, enabled=half is not None):
                     logits = train_model(xb)
                     if teacher is not None and alpha > 0:
                         with torch.no_grad():
                             tl = teacher(xb)
                 logits = logits.float()
-                loss = F.cross_entropy(logits, yb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
                 if teacher is not None and alpha > 0:
                     kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(tl.float() / temperature, 1), reduction="batchmean") * temperature**2
                     loss = alpha * kd + (1 - alpha) * loss
@@ -166,23 +189,49 @@ def fit(
                 sched.step()
                 total_loss += float(loss.detach()) * len(idx)
                 n += len(idx)
+                step += 1
                 distributed.maybe_fail(label)
+                now = time.perf_counter()
+                if task and now - last_note >= NOTE_SECONDS and b + local_batch < len(perm):
+                    last_note = now
+                    eta = (now - t_start) / step * (total_steps - step)
+                    task.update(step, f"epoch {epoch + 1}/{epochs} step {b // local_batch + 1}/{steps_per_epoch} "
+                                      f"loss {total_loss / max(n, 1):.4f} ETA {eta:.0f}s")
             res.epoch_seconds.append(time.perf_counter() - t0)
             distributed.broadcast_module(model, buffers_only=True)
             total_loss, n = distributed.sum_all(total_loss, n)
             val_acc = _val_accuracy(model, Xval, yval, device)
             res.history.append({"epoch": epoch + 1, "loss": total_loss / max(n, 1), "val_accuracy": val_acc})
+            if val_acc > best_acc:  # the same on every rank: val accuracy is reduced over all of them
+                best_acc, since_best, res.best_epoch = val_acc, 0, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
             if task:
-                task.update(epoch + 1, f"loss {total_loss / max(n, 1):.4f} val_acc {val_acc:.4f}")
+                eta = (time.perf_counter() - t_start) / (epoch + 1) * (epochs - epoch - 1)
+                task.update(step, f"epoch {epoch + 1}/{epochs} loss {total_loss / max(n, 1):.4f} val_acc {val_acc:.4f} ETA {eta:.0f}s")
+                last_note = time.perf_counter()
+            if patience is not None and since_best >= patience and epoch + 1 < epochs:
+                res.stopped_early = True
+                break
     finally:
         if ctx:
             ctx.__exit__(None, None, None)
+    if best_state is not None and res.best_epoch != len(res.history):
+        model.load_state_dict(best_state)
     distributed.broadcast_module(model)  # DDP keeps the weights equal; this makes it bit-exact, buffers included
     res.seconds = time.perf_counter() - t_start
     model.eval()
     if teacher is not None and teacher_device is not None:
         teacher.to(teacher_device)
     return res
+
+
+def lr_factor(step: int, warm: int, total: int) -> float:
+    """The lr multiplier at ``step``: linear warm-up over ``warm`` steps, then cosine to 0."""
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
 
 
 def _val_accuracy(model: nn.Module, Xval: np.ndarray, yval: np.ndarray, device: torch.device) -> float:

@@ -31,11 +31,11 @@ class Runner:
         raise NotImplementedError
 
     def run(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        """Outputs for ``x`` (an array or a store.ImageArray), one batch in memory at a time."""
         step = self.static_batch or batch_size
         outs = []
         for b in range(0, len(x), step):
-            chunk = x[b : b + step]
+            chunk = np.ascontiguousarray(x[b : b + step], dtype=np.float32)
             n = len(chunk)
             if self.static_batch and n < self.static_batch:
                 chunk = np.concatenate([chunk, np.zeros((self.static_batch - n,) + chunk.shape[1:], np.float32)])

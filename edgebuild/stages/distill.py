@@ -50,7 +50,7 @@ def student_config(cfg: BuildConfig) -> BuildConfig:
 def params(cfg: BuildConfig) -> dict:
     dc, tc = cfg.compress.distill, cfg.transfer
     return {"student": dc.student, "classifier": dc.student_classifier, "temperature": dc.temperature, "alpha": dc.alpha,
-            "epochs": dc.epochs if dc.epochs is not None else tc.epochs, "lr": dc.lr if dc.lr is not None else tc.lr,
+            "epochs": dc.epochs if dc.epochs is not None else tc.epochs, "lr": dc.lr if dc.lr is not None else tc.effective_lr,
             "transfer": tc.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed}
 
 

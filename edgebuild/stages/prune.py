@@ -38,7 +38,7 @@ from .. import distributed
 from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
-VERSION = 2
+VERSION = 3  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept
 
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("global", "uniform")
@@ -365,10 +365,15 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     after = model_figures(student, example, data.Xval, data.yval)
     progress.log(f"  pruned {pc.ratio:.0%} ({pc.importance}, {pc.scope}, align {align}): params {before['params']} -> {after['params']}, "
                  f"MACs {before['macs']} -> {after['macs']}, val acc {before['val_accuracy']:.4f} -> {after['val_accuracy']:.4f}")
-    lr = pc.lr if pc.lr is not None else tc.lr
+    lr = pc.lr if pc.lr is not None else tc.effective_lr
+    recover_epochs = pc.effective_recover_epochs(tc.epochs)
+    warnings_ = []
+    if recover_epochs == 0:
+        warnings_.append(f"compress.prune.recover_epochs is 0: the pruned model is not retrained; its val accuracy right after pruning is "
+                         f"{after['val_accuracy']:.4f} (before pruning: {before['val_accuracy']:.4f})")
     seed_everything(cfg.seed)
     distill = dc is not None and dc.alpha > 0
-    r = fit(student, student.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=pc.recover_epochs, lr=lr,
+    r = fit(student, student.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=recover_epochs, lr=lr, optimizer=tc.optimizer,
             batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, progress=progress, device=pick_device(tc.device),
             label="prune recovery" + (" (distilling from the unpruned model)" if distill else " (cross-entropy)"),
             teacher=teacher if distill else None,
@@ -385,7 +390,8 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
         **info,
         "head": tmeta.get("head"),
         "classes": list(tmeta.get("classes", data.classes)),
-        "recover_epochs": pc.recover_epochs,
+        "recover_epochs": recover_epochs,
+        "warnings": warnings_,
         "recovery": {"loss": "distillation" if distill else "cross-entropy", "lr": lr,
                      **({"temperature": dc.temperature, "alpha": dc.alpha} if distill else {})},
         "accuracy_before": before["val_accuracy"],

@@ -68,6 +68,20 @@ def _attempts_plan(profile: TargetProfile, rt, qat=None) -> list[tuple[str, dict
     return rt.quantize_plan(profile) + ([(qat.label(), {"qat": True})] if qat is not None else [])
 
 
+class _Batches:
+    """(inputs, labels) in batches of ``static``, read when iterated (val stays on disk)."""
+
+    def __init__(self, X, y, static: int):
+        self.X, self.y, self.static = X, y, static
+
+    def __len__(self) -> int:
+        return len(self.X) // self.static
+
+    def __iter__(self):
+        for b in range(0, len(self.X) - self.static + 1, self.static):
+            yield np.ascontiguousarray(self.X[b : b + self.static], dtype=np.float32), self.y[b : b + self.static]
+
+
 def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval: np.ndarray | None = None, yval: np.ndarray | None = None,
         baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, log=None, qat=None) -> dict:
     """Quantize ``src`` (the export entry) into ``out``; with a budget, guard its accuracy.
@@ -92,7 +106,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
     ac = None
     if guard and rt.accuracy_control:
         static = profile.batch if isinstance(profile.batch, int) else 1
-        val_items = [(np.ascontiguousarray(Xval[b : b + static], dtype=np.float32), yval[b : b + static]) for b in range(0, len(Xval) - static + 1, static)]
+        val_items = _Batches(Xval, yval, static)
 
         def validation_fn(compiled, items):
             hits = n = 0

@@ -193,7 +193,7 @@ def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.
     from ..data import calibration_indices
 
     calib = data.Xtrain[calibration_indices(data.ytrain, cfg.compress.quantize.calibration_samples, cfg.seed)]
-    recover = sc.recover_epochs if sc.recover_epochs is not None else ((cfg.compress.prune.recover_epochs if cfg.compress.prune else 0) or 2)
+    recover = sc.recover_epochs if sc.recover_epochs is not None else ((cfg.compress.prune.recover_epochs if cfg.compress.prune else None) or 2)
     base_model = b._torch_model(bstep, bdir)
     report = {"schema": "edgebuild.search/1", "base_accuracy": base_accuracy, "holdout": {"fraction": sc.holdout, "samples": int(len(hold))},
               "recover_epochs": recover, "space": sc.model_dump(), "groups": []}

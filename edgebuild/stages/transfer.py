@@ -1,13 +1,17 @@
 """Transfer: the pretrained backbone gets a new head for the task's classes and is trained.
 
 Modes: ``finetune`` (all weights; optional head-only warm-up), ``features`` (frozen backbone:
-features computed once, the head trained on them), ``scratch`` (same architecture, random
-init: the baseline).
+features computed once and cached beside the image store, the head solved as L2 logistic
+regression by L-BFGS: head.py), ``scratch`` (same architecture, random init: the baseline).
+Training batches are augmented (augment.py; finetune and scratch by default); the model kept
+is the best epoch by val accuracy. The test split, when there is one, is scored at the end and
+never used to choose anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,12 +22,15 @@ from torch import nn
 
 from .. import backbones, distributed
 from ..config import BuildConfig
+from ..augment import Augment
 from ..errors import ModelError
+from ..head import fit_logistic
 from ..metrics import count_macs, count_params
-from ..training import fit, pick_device, predict, predict_sharded, seed_everything
+from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "transfer"
-VERSION = 3  # 3: world size, backend and precision of training in meta; autocast on CUDA
+VERSION = 4  # 4: augmentation, optimizer choice, best epoch, L-BFGS head in features mode, test accuracy
+FEATURE_BATCH = 32  # the feature pass's batch (see BENCHMARKS.md: larger batches are not faster on CPU)
 
 
 def example_input(cfg: BuildConfig) -> torch.Tensor:
@@ -43,7 +50,51 @@ def build_architecture(cfg: BuildConfig, num_classes: int, load_pretrained: bool
     return model.eval(), head, feats
 
 
-def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
+def features_pass(fmodel: nn.Module, data, device, cache_dir: Path | None, progress=None) -> dict[str, np.ndarray]:
+    """The frozen backbone's features of every split ({'train', 'val'[, 'test']}), read from
+    ``cache_dir`` when there (a build with the same data, preprocessing and backbone made them)."""
+    splits = {"train": data.Xtrain, "val": data.Xval, **({"test": data.Xtest} if getattr(data, "Xtest", None) is not None else {})}
+    if cache_dir is not None and all((cache_dir / f"{k}.npy").is_file() for k in splits):
+        return {k: np.load(cache_dir / f"{k}.npy") for k in splits}
+    out = {}
+    ctx = progress.task("transfer (features: backbone pass)", sum(len(x) for x in splits.values())) if progress else None
+    task = ctx.__enter__() if ctx else None
+    done, t0 = 0, time.perf_counter()
+    try:
+        for k, X in splits.items():
+            parts = []
+            lo, hi = distributed.shard_bounds(len(X))  # under torchrun each rank computes a shard; all_gather joins them
+            with torch.inference_mode():
+                fmodel = fmodel.to(device).eval()
+                for b in range(lo, hi, FEATURE_BATCH):
+                    xb = torch.as_tensor(X[b : min(b + FEATURE_BATCH, hi)]).to(device)
+                    parts.append(fmodel(xb).float().cpu().numpy())
+                    done += len(xb)
+                    if task:
+                        rate = done / max(time.perf_counter() - t0, 1e-9)
+                        task.update(done * distributed.world_size(), f"{rate * distributed.world_size():.0f} images/s")
+            local = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            out[k] = distributed.gather_rows(local, len(X)) if distributed.active() else local
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    if cache_dir is not None and distributed.is_main():
+        import shutil
+        import tempfile
+
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=cache_dir.parent))
+        for k, v in out.items():
+            np.save(tmp / f"{k}.npy", v.astype(np.float32))
+        try:
+            os.replace(tmp, cache_dir)
+        except OSError:  # another build wrote the same features first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(cfg: BuildConfig, data, out: Path, progress, features_cache: Path | None = None) -> dict:
+    """Train; ``features_cache``: where features mode keeps (and finds) the backbone's features."""
     tc = cfg.transfer
     device = pick_device(tc.device)
     seed_everything(cfg.seed)
@@ -57,16 +108,20 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
     epoch_seconds: list[float] = []
     fits = []
     t0 = time.perf_counter()
-    common = dict(batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, device=device, progress=progress)
+    aug_cfg = tc.effective_augment
+    augment = Augment(aug_cfg, cfg.preprocess.mean, cfg.preprocess.std, cfg.preprocess.channels, cfg.seed) if aug_cfg else None
+    common = dict(batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, device=device, progress=progress,
+                  optimizer=tc.optimizer, label_smoothing=tc.label_smoothing, patience=tc.patience, augment=augment)
+    lr = tc.effective_lr
+    best_epoch = None
     if tc.mode == "features":
         fmodel, head_mod = backbones.split_features(model, head)
         for p in fmodel.parameters():
             p.requires_grad_(False)
         tf = time.perf_counter()
-        # under torchrun each rank computes a shard of the features; all_gather joins them
-        Ftr = predict_sharded(fmodel, data.Xtrain, device=device)
-        Fva = predict_sharded(fmodel, data.Xval, device=device)
+        fs = features_pass(fmodel, data, device, features_cache, progress)
         feature_seconds = time.perf_counter() - tf
+        Ftr, Fva = fs["train"], fs["val"]
         check = predict(model, data.Xval[:4], device=device)
         head_out = predict(head_mod, Fva[:4], device=device)
         if Ftr.ndim != 2 or not np.allclose(check, head_out, atol=1e-4):
@@ -74,25 +129,26 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
                 f"features mode needs the head '{head}' to be the last layer (model(x) == head(features(x)))",
                 hint="use transfer.mode: finetune for this backbone, or name the final layer as backbone.classifier",
             )
-        r = fit(head_mod, head_mod.parameters(), Ftr, data.ytrain, Fva, data.yval, epochs=tc.epochs, lr=tc.lr, label="transfer (features: head on cached features)", **common)
-        history, epoch_seconds = r.history, r.epoch_seconds
-        fits.append(r)
+        head_mod = head_mod.cpu()
+        history = fit_logistic(head_mod, Ftr, data.ytrain, Fva, data.yval, label_smoothing=tc.label_smoothing, progress=progress)
+        best_epoch = next(h["epoch"] for h in history if h["selected"])
     else:
         feature_seconds = 0.0
         if tc.mode == "finetune" and tc.warmup_epochs:
             head_params = set(id(p) for p in model.get_submodule(head).parameters())
             for p in model.parameters():
                 p.requires_grad_(id(p) in head_params)
-            r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.warmup_epochs, lr=tc.lr, label="transfer (head warm-up)", **common)
+            r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.warmup_epochs, lr=lr, label="transfer (head warm-up)", **common)
             history += [dict(h, phase="warmup") for h in r.history]
             epoch_seconds += r.epoch_seconds
             fits.append(r)
             for p in model.parameters():
                 p.requires_grad_(True)
-        r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.epochs, lr=tc.lr, label=f"transfer ({tc.mode})", **common)
+        r = fit(model, model.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=tc.epochs, lr=lr, label=f"transfer ({tc.mode})", **common)
         history += r.history
         epoch_seconds += r.epoch_seconds
         fits.append(r)
+        best_epoch = r.best_epoch
     model = model.cpu().eval()
     from .prune import torch_latency
 
@@ -102,6 +158,9 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
             host_latency = torch_latency(model, example=example_input(cfg))[0]
     val_logits = predict(model, data.Xval)
     val_acc = float((val_logits.argmax(1) == data.yval).mean())
+    test_acc = None
+    if getattr(data, "Xtest", None) is not None:  # scored once, after every choice was made on val
+        test_acc = float((predict(model, data.Xtest).argmax(1) == data.ytest).mean()) if len(data.ytest) else 0.0
     save_model(model, out)
     np.save(out / "val_logits.npy", val_logits.astype(np.float32))
     meta = {
@@ -115,6 +174,13 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
         "backend": distributed.backend_for(device),
         "precision": fits[-1].precision if fits else "fp32",
         "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "chance_accuracy": chance_accuracy(data.yval, len(data.classes)),
+        "best_epoch": best_epoch,
+        "stopped_early": bool(fits and fits[-1].stopped_early),
+        "optimizer": tc.optimizer if tc.mode != "features" else "lbfgs",
+        "lr": lr if tc.mode != "features" else None,
+        "augment": aug_cfg.model_dump() if aug_cfg and tc.mode != "features" else None,
         "params": count_params(model),
         "macs": count_macs(model, example_input(cfg)),
         "host_latency": host_latency,
@@ -126,6 +192,13 @@ def run(cfg: BuildConfig, data, out: Path, progress) -> dict:
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def chance_accuracy(y, num_classes: int) -> float:
+    """What always answering the most frequent val class scores (at least 1 / classes)."""
+    y = np.asarray(y)
+    top = float(np.bincount(y, minlength=num_classes).max() / len(y)) if len(y) else 0.0
+    return max(top, 1.0 / max(num_classes, 1))
 
 
 def save_model(model: nn.Module, out: Path) -> None:

@@ -21,7 +21,7 @@ from ..profiles import unavailable_reason
 from ..runtimes import open_runner
 
 NAME = "validate"
-VERSION = 1
+VERSION = 2  # 2: test-set accuracy; min_accuracy gate
 
 # parity of the artifact with its PyTorch reference: |diff| <= tol * max(1, max|reference|)
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": None}
@@ -39,7 +39,9 @@ def artifact_bytes(artifact: Path, profile: TargetProfile) -> int:
     return total
 
 
-def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray, yval: np.ndarray, ref_logits: np.ndarray, progress=None) -> dict:
+def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray, yval: np.ndarray, ref_logits: np.ndarray, progress=None,
+        Xtest=None, ytest=None) -> dict:
+    """Metrics of the artifact on val (and on test when given: reported and gated, never used to choose)."""
     size = artifact_bytes(artifact, profile)
     reason = unavailable_reason(profile)
     host = {"hostname": socket.gethostname(), "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
@@ -49,7 +51,11 @@ def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray
     runner = open_runner(profile, artifact, precision)
     logits = runner.run(Xval)
     bench = runner.benchmark(Xval[:1], progress=progress)
+    test = {}
+    if Xtest is not None and ytest is not None:
+        test = {"test_accuracy": accuracy(runner.run(Xtest), ytest), "test_samples": int(len(ytest))}
     return {
+        **test,
         "status": "measured",
         "accuracy": accuracy(logits, yval),
         "reference_accuracy": accuracy(ref_logits, yval),
@@ -75,8 +81,10 @@ def merged_budgets(profile: TargetProfile, build: Budgets) -> dict:
     return values(profile, build)
 
 
-def gates(target: str, precision: str, metrics: dict, budgets: dict, fp32_accuracy: float | None) -> list[dict]:
-    """Every gate with its verdict. ``fp32_accuracy`` is the unquantized reference's accuracy."""
+def gates(target: str, precision: str, metrics: dict, budgets: dict, fp32_accuracy: float | None,
+          fp32_test_accuracy: float | None = None) -> list[dict]:
+    """Every gate with its verdict. ``fp32_accuracy`` is the unquantized reference's accuracy
+    (``fp32_test_accuracy`` on the test split); accuracy budgets apply to val and to test."""
     rows = []
     if metrics.get("status") not in ("measured", "emulated"):
         for k, v in budgets.items():
@@ -99,6 +107,13 @@ def gates(target: str, precision: str, metrics: dict, budgets: dict, fp32_accura
         base = fp32_accuracy if fp32_accuracy is not None else metrics["reference_accuracy"]
         drop = base - metrics["accuracy"]
         add("max_accuracy_drop", budgets["max_accuracy_drop"], round(drop, 4), drop <= budgets["max_accuracy_drop"] + 1e-12)
+        if "test_accuracy" in metrics and fp32_test_accuracy is not None:
+            drop = fp32_test_accuracy - metrics["test_accuracy"]
+            add("max_accuracy_drop (test)", budgets["max_accuracy_drop"], round(drop, 4), drop <= budgets["max_accuracy_drop"] + 1e-12)
+    if "min_accuracy" in budgets:
+        add("min_accuracy", budgets["min_accuracy"], round(metrics["accuracy"], 4), metrics["accuracy"] >= budgets["min_accuracy"] - 1e-12)
+        if "test_accuracy" in metrics:
+            add("min_accuracy (test)", budgets["min_accuracy"], round(metrics["test_accuracy"], 4), metrics["test_accuracy"] >= budgets["min_accuracy"] - 1e-12)
     if "min_agreement" in budgets:
         add("min_agreement", budgets["min_agreement"], round(metrics["agreement"], 4), metrics["agreement"] >= budgets["min_agreement"])
     tol = PARITY_TOLERANCE.get(precision)
