@@ -118,7 +118,9 @@ def prepare(cfg: BuildConfig, cache_root: Path, progress=None, rebuild: bool = F
             rebuilt.add(key)
             return store_mod.open_or_build(root, key, split, pp.input_size, pp.color, pp.resize, d.workers, again, progress,
                                            label=f"decoding {name} images")
-        return store_mod.ImageArray(split, opener, pp.input_size, pp.color, pp.resize, pp.mean, pp.std)
+        def existing() -> store_mod.ImageStore | None:
+            return None if rebuild and key not in rebuilt else store_mod.open_existing(root, key)
+        return store_mod.ImageArray(split, opener, pp.input_size, pp.color, pp.resize, pp.mean, pp.std, existing=existing)
 
     return Data(src.classes, src.train, src.val, src.test, fp, src.record, array("train", src.train), array("val", src.val),
                 array("test", src.test) if src.test is not None else None, fps)

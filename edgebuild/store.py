@@ -229,6 +229,17 @@ def _sweep(folder: Path) -> None:
     sweep_stale(folder, ".tmp-")
 
 
+def open_existing(root: Path, key: str) -> Optional[ImageStore]:
+    """The store for ``key`` when it is there and whole, else None (never builds)."""
+    dest = Path(root) / key
+    if not (dest / "store.json").is_file():
+        return None
+    try:
+        return ImageStore(dest)
+    except (DataError, OSError, ValueError):
+        return None
+
+
 def open_or_build(root: Path, key: str, split: ImageFolder, size, color: str, resize: str, workers: int = 0,
                   rebuild: bool = False, progress=None, label: str = "decoding images") -> ImageStore:
     """The store for ``key`` under ``root``: opened when there, else built (once, under a lock)."""
@@ -253,19 +264,22 @@ class ImageArray:
     """A split's images as model inputs (float32 N x C x H x W), read and normalised per batch.
 
     Indexing (an int, a slice or an index array) returns a numpy array; nothing else is held
-    in memory. The store is opened (or built) on the first access; before that a request of a
-    few images decodes those files directly (the same function, the same floats)."""
+    in memory. The store is opened (or built) on the first access; while there is none, the
+    first few images asked for (``direct_max`` in all) are decoded directly (the same function,
+    the same floats), so a fully cached build decodes only the few images it needs."""
 
     dtype = np.float32
 
-    def __init__(self, split: ImageFolder, opener: Callable[[], ImageStore], size, color: str, resize: str, mean, std, direct_max: int = 64):
+    def __init__(self, split: ImageFolder, opener: Callable[[], ImageStore], size, color: str, resize: str, mean, std,
+                 direct_max: int = 64, existing: Optional[Callable[[], Optional[ImageStore]]] = None):
         self.split = split
         self._opener = opener
+        self._existing = existing
         self._store: Optional[ImageStore] = None
         self.size = (int(size[0]), int(size[1]))
         self.color, self.resize, self.mean, self.std = color, resize, list(mean), list(std)
         self.channels = 1 if color == "grayscale" else 3
-        self.direct_max = direct_max
+        self.direct_left = direct_max  # images decoded directly, in all, before the store is built
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -282,7 +296,10 @@ class ImageArray:
     def uint8(self, idx) -> np.ndarray:
         """uint8 N x H x W x C rows (the stored bytes)."""
         idx = self._indices(idx)
-        if self._store is None and len(idx) <= self.direct_max:
+        if self._store is None and self._existing is not None:
+            self._store = self._existing()
+        if self._store is None and len(idx) <= self.direct_left:
+            self.direct_left -= len(idx)
             if not len(idx):
                 return np.zeros((0, *self.size, self.channels), np.uint8)
             return np.stack([decode_file(self.split.files[i], self.size, self.color, self.resize) for i in idx])

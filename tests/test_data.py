@@ -294,3 +294,68 @@ def test_val_split_needs_two_images_per_class(tmp_path):
     make_images(tmp_path / "t", {"a": 4, "b": 1}, size=(8, 8))
     with pytest.raises(DataError, match="class 'b' has 1 image"):
         resolve(tmp_path / "t", None, None, 0.2, seed=0)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_csv_list_with_val_split_and_test_builds(tiny_project, cli):
+    """A CSV list with val_split builds; the split is in the manifest; test is reported and gated."""
+    import json
+
+    lines = ["path,label"]
+    for c in ("a", "b", "c"):
+        lines += [f"data/train/{c}/{p.name},{c}" for p in sorted((tiny_project / "data" / "train" / c).iterdir())]
+    (tiny_project / "train.csv").write_text("\n".join(lines) + "\n")
+    test = "".join(json.dumps({"path": f"val/{c}/{p.name}", "label": c}) + "\n"
+                   for c in ("a", "b", "c") for p in sorted((tiny_project / "data" / "val" / c).iterdir()))
+    (tiny_project / "data" / "test.jsonl").write_text(test)
+    text = (tiny_project / "edgebuild.yaml").read_text().replace("  train: data/train\n  val: data/val\n",
+                                                                  "  train: train.csv\n  val_split: 0.25\n  test: data/test.jsonl\n")
+    (tiny_project / "edgebuild.yaml").write_text(text + "budgets: {min_accuracy: 0.0}\n")
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml", "-o", tiny_project / "dist")
+    assert code == 0, err
+    m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_text())
+    split = m["data"]["val_split"]
+    assert split["fraction"] == 0.25 and split["val_images"] == 9 and split["train_images"] == 27
+    assert 0 <= m["metrics"]["test_accuracy"] <= 1 and m["transfer"]["test_accuracy"] is not None
+    gates = {g["budget"] for g in m["metrics"]["gates"]}
+    assert {"min_accuracy", "min_accuracy (test)"} <= gates
+    # an impossible absolute accuracy fails the build (exit 3), on val and on test
+    (tiny_project / "edgebuild.yaml").write_text(text + "budgets: {min_accuracy: 1.0}\n")
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml", "-o", tiny_project / "dist")
+    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    failed = {g["budget"] for g in report["targets"]["x86-onnxruntime-fp32"]["gates"] if g["verdict"] == "FAIL"}
+    assert code == 3 and "min_accuracy (test)" in failed or report["targets"]["x86-onnxruntime-fp32"]["metrics"]["test_accuracy"] == 1.0
+
+
+def test_near_chance_model_warns(tiny_project, cli):
+    import json
+
+    text = (tiny_project / "edgebuild.yaml").read_text().replace("  lr: 0.05", "  lr: 0.000001\n  augment: false")
+    (tiny_project / "edgebuild.yaml").write_text(text.replace("mode: finetune", "mode: scratch"))
+    code, out, err = cli("build", tiny_project / "edgebuild.yaml", "-o", tiny_project / "dist")
+    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    acc = report["transfer"]["val_accuracy"]
+    assert code == 0 and acc <= 1 / 3 + 0.05, acc
+    assert report["transfer"]["near_chance"] is True and "of chance" in err and "warning:" in err
+
+
+def test_rebuild_reuses_store_and_plan_decodes_nothing(tiny_project, cli, monkeypatch):
+    from edgebuild import store as store_mod
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+
+    import os
+    from pathlib import Path
+
+    assert cli("build", tiny_project / "edgebuild.yaml", "-o", tiny_project / "dist")[0] == 0
+    stores = sorted(Path(os.environ["EDGEBUILD_CACHE_DIR"]).glob("data/*/images.npy"))
+    assert len(stores) == 2  # train and val, decoded once
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(store_mod, "build", boom)
+    monkeypatch.setattr(store_mod, "decode_file", boom)
+    steps = Build(load_build_config(tiny_project / "edgebuild.yaml")).plan()
+    assert all(s.cached for s in steps)
+    assert cli("build", tiny_project / "edgebuild.yaml", "-o", tiny_project / "dist")[0] == 0
