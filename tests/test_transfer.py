@@ -239,3 +239,16 @@ def test_features_are_cached_in_the_store(tiny_project, tmp_path):
     np.save(cache / "train.npy", np.load(cache / "train.npy") * 0)  # a second run must read these, not recompute
     m2 = transfer.run(cfg, b.data(), tmp_path / "o2", progress=None, features_cache=cache)
     assert m1["history"] != m2["history"]
+
+
+def test_feature_pass_on_onnxruntime_matches_eager(tiny_project, tmp_path, monkeypatch):
+    cfg = load_build_config(write_config(tiny_project, mode="features"))
+    data = Build(cfg).data()
+    (tmp_path / "e").mkdir()
+    (tmp_path / "o").mkdir()
+    eager = transfer.run(cfg, data, tmp_path / "e", progress=None, features_cache=tmp_path / "fe")
+    monkeypatch.setattr(transfer, "ORT_MIN_IMAGES", 0)
+    onnx = transfer.run(cfg, data, tmp_path / "o", progress=None, features_cache=tmp_path / "fo")
+    assert eager["feature_engine"].startswith("torch eager") and onnx["feature_engine"].startswith("onnxruntime")
+    np.testing.assert_allclose(np.load(tmp_path / "fo" / "train.npy"), np.load(tmp_path / "fe" / "train.npy"), atol=1e-4)
+    assert abs(onnx["val_accuracy"] - eager["val_accuracy"]) <= 1 / 15 + 1e-9

@@ -30,7 +30,8 @@ from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "transfer"
 VERSION = 4  # 4: augmentation, optimizer choice, best epoch, L-BFGS head in features mode, test accuracy
-FEATURE_BATCH = 32  # the feature pass's batch (see BENCHMARKS.md: larger batches are not faster on CPU)
+FEATURE_BATCH = 32  # the feature pass's batch (BENCHMARKS.md: larger batches are not faster on the CPU)
+ORT_MIN_IMAGES = 512  # fewer images: exporting the backbone costs more than eager PyTorch loses
 
 
 def example_input(cfg: BuildConfig) -> torch.Tensor:
@@ -50,38 +51,86 @@ def build_architecture(cfg: BuildConfig, num_classes: int, load_pretrained: bool
     return model.eval(), head, feats
 
 
-def features_pass(fmodel: nn.Module, data, device, cache_dir: Path | None, progress=None) -> dict[str, np.ndarray]:
-    """The frozen backbone's features of every split ({'train', 'val'[, 'test']}), read from
-    ``cache_dir`` when there (a build with the same data, preprocessing and backbone made them)."""
+def _feature_engine(fmodel: nn.Module, example: torch.Tensor, device, n_images: int, work: Path):
+    """The fastest way to run the frozen backbone here: ``(name, fn(batch) -> features)``.
+
+    On the CPU, with enough images to pay for the export, the backbone exported to ONNX and run
+    by ONNX Runtime (about 10x eager PyTorch for MobileNetV2 on 2 cores: BENCHMARKS.md), checked
+    against eager on one batch; otherwise (CUDA, few images, export or parity failure) eager
+    PyTorch under inference_mode."""
+    def eager(xb: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return fmodel(torch.as_tensor(xb).to(device)).float().cpu().numpy()
+
+    fmodel.to(device).eval()
+    if device.type != "cpu" or n_images < ORT_MIN_IMAGES:
+        return f"torch eager (inference_mode, batch {FEATURE_BATCH})", eager
+    try:
+        import onnxruntime as ort
+
+        from .export import export_onnx
+
+        path = work / "features.onnx"
+        export_onnx(fmodel, example, path, opset=18, batch=FEATURE_BATCH)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+
+        def onnx(xb: np.ndarray) -> np.ndarray:
+            n = len(xb)
+            if n < FEATURE_BATCH:
+                xb = np.concatenate([xb, np.zeros((FEATURE_BATCH - n,) + xb.shape[1:], np.float32)])
+            return np.asarray(sess.run(None, {name: np.ascontiguousarray(xb, dtype=np.float32)})[0])[:n].reshape(n, -1)
+
+        probe = np.random.default_rng(0).standard_normal((FEATURE_BATCH,) + tuple(example.shape[1:])).astype(np.float32)
+        ref = eager(probe).reshape(FEATURE_BATCH, -1)
+        if np.allclose(onnx(probe), ref, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
+            return f"onnxruntime {ort.__version__} (exported backbone, batch {FEATURE_BATCH})", onnx
+    except Exception:  # noqa: BLE001 - any export or runtime problem: eager gives the same features, slower
+        pass
+    return f"torch eager (inference_mode, batch {FEATURE_BATCH})", eager
+
+
+def features_pass(fmodel: nn.Module, data, device, cache_dir: Path | None, progress=None, example: torch.Tensor | None = None) -> tuple[dict, str]:
+    """The frozen backbone's features of every split ({'train', 'val'[, 'test']}) and the engine
+    that computed them; read from ``cache_dir`` when there (a build with the same data,
+    preprocessing and backbone made them)."""
+    import shutil
+    import tempfile
+
     splits = {"train": data.Xtrain, "val": data.Xval, **({"test": data.Xtest} if getattr(data, "Xtest", None) is not None else {})}
     if cache_dir is not None and all((cache_dir / f"{k}.npy").is_file() for k in splits):
-        return {k: np.load(cache_dir / f"{k}.npy") for k in splits}
+        return {k: np.load(cache_dir / f"{k}.npy") for k in splits}, "cached"
     out = {}
-    ctx = progress.task("transfer (features: backbone pass)", sum(len(x) for x in splits.values())) if progress else None
-    task = ctx.__enter__() if ctx else None
-    done, t0 = 0, time.perf_counter()
+    total = sum(len(x) for x in splits.values())
+    work = Path(tempfile.mkdtemp(prefix="edgebuild-features-"))
     try:
-        for k, X in splits.items():
-            parts = []
-            lo, hi = distributed.shard_bounds(len(X))  # under torchrun each rank computes a shard; all_gather joins them
-            with torch.inference_mode():
-                fmodel = fmodel.to(device).eval()
+        example = example if example is not None else torch.zeros((1,) + tuple(data.Xval.shape[1:]))
+        engine, run_batch = _feature_engine(fmodel, example, device, total, work)
+        ctx = progress.task(f"transfer (features: backbone pass, {engine})", total) if progress else None
+        task = ctx.__enter__() if ctx else None
+        done, t0 = 0, time.perf_counter()
+        try:
+            for k, X in splits.items():
+                parts = []
+                lo, hi = distributed.shard_bounds(len(X))  # under torchrun each rank computes a shard; all_gather joins them
                 for b in range(lo, hi, FEATURE_BATCH):
-                    xb = torch.as_tensor(X[b : min(b + FEATURE_BATCH, hi)]).to(device)
-                    parts.append(fmodel(xb).float().cpu().numpy())
+                    xb = X[b : min(b + FEATURE_BATCH, hi)]
+                    parts.append(run_batch(xb))
                     done += len(xb)
                     if task:
-                        rate = done / max(time.perf_counter() - t0, 1e-9)
-                        task.update(done * distributed.world_size(), f"{rate * distributed.world_size():.0f} images/s")
-            local = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-            out[k] = distributed.gather_rows(local, len(X)) if distributed.active() else local
+                        w = distributed.world_size()
+                        rate = done * w / max(time.perf_counter() - t0, 1e-9)
+                        task.update(min(done * w, total), f"{rate:.0f} images/s, ETA {(total - done * w) / max(rate, 1e-9):.0f}s")
+                local = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+                out[k] = distributed.gather_rows(local, len(X)) if distributed.active() else local
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
     finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
+        shutil.rmtree(work, ignore_errors=True)
     if cache_dir is not None and distributed.is_main():
-        import shutil
-        import tempfile
-
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=cache_dir.parent))
         for k, v in out.items():
@@ -90,7 +139,7 @@ def features_pass(fmodel: nn.Module, data, device, cache_dir: Path | None, progr
             os.replace(tmp, cache_dir)
         except OSError:  # another build wrote the same features first
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return out, engine
 
 
 def run(cfg: BuildConfig, data, out: Path, progress, features_cache: Path | None = None) -> dict:
@@ -113,13 +162,13 @@ def run(cfg: BuildConfig, data, out: Path, progress, features_cache: Path | None
     common = dict(batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, device=device, progress=progress,
                   optimizer=tc.optimizer, label_smoothing=tc.label_smoothing, patience=tc.patience, augment=augment)
     lr = tc.effective_lr
-    best_epoch = None
+    best_epoch, feature_engine = None, None
     if tc.mode == "features":
         fmodel, head_mod = backbones.split_features(model, head)
         for p in fmodel.parameters():
             p.requires_grad_(False)
         tf = time.perf_counter()
-        fs = features_pass(fmodel, data, device, features_cache, progress)
+        fs, feature_engine = features_pass(fmodel, data, device, features_cache, progress, example_input(cfg))
         feature_seconds = time.perf_counter() - tf
         Ftr, Fva = fs["train"], fs["val"]
         check = predict(model, data.Xval[:4], device=device)
@@ -187,6 +236,7 @@ def run(cfg: BuildConfig, data, out: Path, progress, features_cache: Path | None
         "history": history,
         "seconds": time.perf_counter() - t0,
         "feature_seconds": feature_seconds,
+        "feature_engine": feature_engine,
         "epoch_seconds": epoch_seconds,
         "mean_epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
     }
