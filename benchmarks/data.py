@@ -68,7 +68,13 @@ def make_images(root: Path, n: int, size: int = 200, classes: int = 4, seed: int
 def _project(work: Path, n: int) -> Path:
     proj = work / f"rss-{n}"
     proj.mkdir(parents=True, exist_ok=True)
-    make_images(proj / "train", n)
+    pool = make_images(work / "pool", n)  # one pool; each project hard-links its first n images
+    for f in sorted(pool.rglob("*.jpg"))[: 10**9]:
+        if int(f.stem) < n:
+            dst = proj / "train" / f.parent.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                os.link(f, dst)
     (proj / "backbone.py").write_text(BACKBONE)
     (proj / "edgebuild.yaml").write_text(textwrap.dedent("""\
         name: rss
