@@ -103,10 +103,10 @@ def peak_rss(sizes=(1000, 4000, 6000, 8000), work: Path = Path(tempfile.gettempd
         r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, str(cfg), str(work / f"dist-{n}")],
                            capture_output=True, text=True, env=env)
         rc, maxrss_kb, secs = r.stdout.split()[:3]
-        if int(rc) != 0:
+        if int(rc) not in (0, 3):  # 3: a budget gate failed after every stage ran (a 1-epoch model may miss one)
             raise SystemExit(f"build of {n} images failed:\n{r.stderr[-3000:]}")
         rate = next((ln for ln in r.stderr.splitlines() if "images/s" in ln), "")
-        out[str(n)] = {"images": n, "peak_rss_mb": int(maxrss_kb) / 1024, "build_seconds": float(secs),
+        out[str(n)] = {"images": n, "exit_code": int(rc), "peak_rss_mb": int(maxrss_kb) / 1024, "build_seconds": float(secs),
                        "float32_array_mb_old_path": n * 3 * 160 * 160 * 4 / 2**20, "decode_line": rate.strip()}
         print(f"  {n} images: peak RSS {int(maxrss_kb) / 1024:.0f} MB, build {float(secs):.0f} s", flush=True)
     base = out[str(sizes[0])]["peak_rss_mb"]
