@@ -252,3 +252,27 @@ def test_feature_pass_on_onnxruntime_matches_eager(tiny_project, tmp_path, monke
     assert eager["feature_engine"].startswith("torch eager") and onnx["feature_engine"].startswith("onnxruntime")
     np.testing.assert_allclose(np.load(tmp_path / "fo" / "train.npy"), np.load(tmp_path / "fe" / "train.npy"), atol=1e-4)
     assert abs(onnx["val_accuracy"] - eager["val_accuracy"]) <= 1 / 15 + 1e-9
+
+
+def test_progress_within_an_epoch(monkeypatch):
+    from contextlib import contextmanager
+
+    from edgebuild import training
+
+    lines = []
+
+    class P:
+        @contextmanager
+        def task(self, label, total):
+            class T:
+                def update(self, n, info=None):
+                    lines.append((n, total, info))
+            yield T()
+
+    monkeypatch.setattr(training, "NOTE_SECONDS", 0.0)
+    X, y = _task()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    fit(model, model.parameters(), X, y, X, y, epochs=2, lr=0.01, batch_size=8, seed=0, progress=P())
+    within = [info for n, total, info in lines if "step" in info]
+    assert within and all("loss" in i and "ETA" in i and "epoch" in i for i in within)
+    assert lines[-1][0] == lines[-1][1] == 2 * 8  # counted in steps: 2 epochs of 8 batches
