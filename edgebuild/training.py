@@ -41,26 +41,15 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, X, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
-    """Outputs for ``X`` (an array, a tensor or a store.ImageArray), batch by batch."""
+def predict(model: nn.Module, X, batch_size: int = 64, device: torch.device | None = None, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Outputs for rows [lo, hi) of ``X`` (an array, a tensor or a store.ImageArray), read batch by batch."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
+    hi = len(X) if hi is None else hi
     outs = []
-    for b in range(0, len(X), batch_size):
-        outs.append(model(torch.as_tensor(X[b : b + batch_size]).to(device)).float().cpu())
+    for b in range(lo, hi, batch_size):
+        outs.append(model(torch.as_tensor(X[b : min(b + batch_size, hi)]).to(device)).float().cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
-
-
-@torch.no_grad()
-def predict_sharded(model: nn.Module, X: np.ndarray, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
-    """``predict`` with the rows shared out over the ranks (contiguous shards, all_gather)."""
-    if not distributed.active():
-        return predict(model, X, batch_size, device)
-    lo, hi = distributed.shard_bounds(len(X))
-    local = predict(model, X[lo:hi], batch_size, device)
-    if hi == lo:  # an empty shard still needs the row shape for the all_gather
-        local = predict(model, X[:1], batch_size, device)[:0]
-    return distributed.gather_rows(local, len(X))
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -240,6 +229,6 @@ def _val_accuracy(model: nn.Module, Xval: np.ndarray, yval: np.ndarray, device: 
     if not len(yval):
         return 0.0
     lo, hi = distributed.shard_bounds(len(yval))
-    correct = float((predict(model, Xval[lo:hi], device=device).argmax(1) == yval[lo:hi]).sum()) if hi > lo else 0.0
+    correct = float((predict(model, Xval, device=device, lo=lo, hi=hi).argmax(1) == yval[lo:hi]).sum()) if hi > lo else 0.0
     correct, total = distributed.sum_all(correct, hi - lo)
     return correct / total
