@@ -7,6 +7,7 @@ would need anything more is refused, never executed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -15,22 +16,31 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
+from .lazy import torch, nn
 
 from .errors import ModelError, WeightsError, did_you_mean
 
 
-class LogitsOnly(nn.Module):
-    """Wraps a model whose forward returns an object or dict with ``logits`` (Hugging Face)."""
+@functools.lru_cache(maxsize=None)
+def _logits_only():
+    class LogitsOnly(nn.Module):
+        """Wraps a model whose forward returns an object or dict with ``logits`` (Hugging Face)."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=x)
-        return out.logits if hasattr(out, "logits") else out["logits"]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model(pixel_values=x)
+            return out.logits if hasattr(out, "logits") else out["logits"]
+
+    return LogitsOnly  # defined on first use: importing this module does not import torch
+
+
+def __getattr__(name: str):
+    if name == "LogitsOnly":
+        return _logits_only()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _python_provider(ref: str, root: Path, pretrained: bool | None = None) -> Callable[[], nn.Module]:
@@ -100,7 +110,7 @@ def _hf_provider(ref: str, root: Path, pretrained: bool | None) -> Callable[[], 
                 f"hf:{ref}: cannot load the model: {first}",
                 hint="give a local folder with config.json (and optionally model.safetensors), or a model id already in the Hugging Face cache",
             ) from None
-        return LogitsOnly(model)
+        return _logits_only()(model)
 
     return build
 
@@ -246,7 +256,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     sd = read_state_dict(path)
-    target = model.model if isinstance(model, LogitsOnly) and not any(k.startswith("model.") for k in sd) else model
+    target = model.model if isinstance(model, _logits_only()) and not any(k.startswith("model.") for k in sd) else model
     own = target.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

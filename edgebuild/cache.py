@@ -111,8 +111,10 @@ class Cache:
         sweep_stale(self.root / stage, ".tmp-")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key}-", dir=self.root / stage))
         try:
+            t0 = time.perf_counter()
             result = build(tmp)
-            entry = {"stage": stage, "key": key, "created": time.time(), "describe": describe, "files": _checksums(tmp)}
+            entry = {"stage": stage, "key": key, "created": time.time(), "seconds": round(time.perf_counter() - t0, 3),
+                     "describe": describe, "files": _checksums(tmp)}
             (tmp / ENTRY).write_text(json.dumps(entry, indent=2, default=str))
             final = self.path(stage, key)
             if final.exists():

@@ -152,8 +152,9 @@ def _torchrun(f):
               help="validate aarch64 targets under qemu-user in an arm64 Debian root (made once, ~10 min): accuracy and agreement, no latency")
 @click.option("--nproc", type=click.IntRange(min=1), help="train on N processes on this machine (runs the build under torchrun)")
 @click.option("--dry-run", is_flag=True, help="print the plan (what is cached, what runs and why) and stop")
+@click.option("--remeasure", is_flag=True, help="validate again (latency gates, accuracy) on this host; every other stage from the cache")
 @_torchrun
-def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run, emulate):
+def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run, emulate, remeasure):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
     from .config import load_build_config
@@ -172,7 +173,7 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
 
     progress = Progress("quiet" if as_json or not distributed.is_main() else "auto")
     b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None,
-              emulate=emulate)
+              emulate=emulate, remeasure=remeasure)
     if dry_run:
         plan = b.dry_run()
         if as_json:
@@ -287,6 +288,15 @@ def targets_show(name, config, targets_dir):
                                "a build file's budgets override a default, and may only tighten a hard device limit"))
     for line in lines:
         click.echo(f"#   {line}")
+    cfg_path = config or Path("edgebuild.yaml")
+    last = cfg_path.resolve().parent / "dist" / "report.json"
+    if last.is_file():  # what the last build beside the build file measured
+        try:
+            note = json.loads(last.read_text()).get("targets", {}).get(name, {}).get("slower")
+        except (OSError, ValueError, AttributeError):
+            note = None
+        if note:
+            click.echo(f"# last build ({last}): {note}")
 
 
 @cli.command()

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
+from .lazy import torch
 
 TIMEOUT_ENV = "EDGEBUILD_DIST_TIMEOUT"
 WAIT_TIMEOUT_ENV = "EDGEBUILD_DIST_WAIT_TIMEOUT"
@@ -64,6 +64,8 @@ def launched() -> bool:
 
 
 def active() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: no process group (and no 1 s import)
+        return False
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -75,15 +77,19 @@ def training() -> bool:
 
 
 def rank() -> int:
+    if not active():
+        return 0
     import torch.distributed as dist
 
-    return dist.get_rank() if active() else 0
+    return dist.get_rank()
 
 
 def world_size() -> int:
+    if not active():
+        return 1
     import torch.distributed as dist
 
-    return dist.get_world_size() if active() else 1
+    return dist.get_world_size()
 
 
 def local_rank() -> int:

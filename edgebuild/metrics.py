@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
+from .lazy import torch, nn
 
 
 def count_params(model: nn.Module) -> int:
@@ -47,3 +46,11 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def confusion(logits: np.ndarray, targets: np.ndarray, n_classes: int) -> list[list[int]]:
+    """Confusion matrix as rows of true class, columns of predicted class (counts)."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    if len(targets):
+        np.add.at(m, (np.asarray(targets, np.int64), np.asarray(logits).argmax(1)), 1)
+    return m.tolist()

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import __version__, backbones, distributed
+from . import backbones, distributed
 from .cache import Cache, make_key, sweep_stale
 from .config import BuildConfig, PruneConfig, TargetProfile
 from .data import calibration_indices, sha256_file
@@ -27,7 +27,7 @@ from .dataset import Data, prepare
 from . import manifest as manifest_mod
 from . import qat as qat_mod
 from .errors import ConfigError, EdgebuildError, GateFailed
-from .profiles import ProfileRegistry, check_input_fits, refuse_missing_extras, unavailable_reason
+from .profiles import ProfileRegistry, check_input_fits, refuse_missing_extras, unavailable_reason, unavailable_reason_memo
 from .runtimes import adapter
 from .progress import Progress
 from .stages import bundle as bundle_stage
@@ -38,6 +38,7 @@ from .stages import prune as prune_stage
 from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
+from . import report_data
 from .plan import Step, print_plan, plan_json, why
 from .plan import step as _step
 from .target_run import build_target
@@ -64,9 +65,10 @@ class BuildResult:
 class Build:
     def __init__(self, cfg: BuildConfig, targets: Optional[list[str]] = None, out: Optional[Path] = None,
                  cache: Optional[Cache] = None, progress: Optional[Progress] = None, targets_dirs: tuple = (),
-                 reproducible: Optional[bool] = None, emulate: bool = False):
+                 reproducible: Optional[bool] = None, emulate: bool = False, remeasure: bool = False):
         self.cfg = cfg
         self.emulate = emulate  # validate foreign-arch targets under qemu-user (emulate.py)
+        self.remeasure = remeasure  # validate again (latency, accuracy) with everything else cached
         # reproducible: bundles carry no host timings, so the same inputs give the same bytes
         # from a cold cache too (SOURCE_DATE_EPOCH set implies it, as in other build tools)
         self.reproducible = bool(os.environ.get("SOURCE_DATE_EPOCH")) if reproducible is None else reproducible
@@ -91,6 +93,7 @@ class Build:
         self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
         self.search: Optional[dict] = None
         self.stage_times: dict[str, float] = {}
+        self.step_seconds: dict[tuple[str, str], float] = {}  # (stage, key): seconds this build spent on it
 
     # ------------------------------------------------------------------ inputs
     def data(self) -> Data:
@@ -173,8 +176,8 @@ class Build:
                 artifact = _step(quantize_stage, name, qparams, qinputs)
                 steps.append(artifact)
             vparams = {"runtime": prof.runtime, "device": prof.device, "threads": prof.threads, "precision": prof.precision,
-                       "arch": prof.arch, "available": unavailable_reason(prof),
-                       "emulate": self.emulate and prof.arch == "aarch64" and rt.emulatable and bool(unavailable_reason(prof))}
+                       "arch": prof.arch, "available": self._unavailable(prof),
+                       "emulate": self.emulate and prof.arch == "aarch64" and rt.emulatable and bool(self._unavailable(prof))}
             vinputs = {"artifact": artifact.key, "reference": model_step.key, "data": data.fingerprint,
                        "runtime": rt.versions()}
             steps.append(_step(validate_stage, name, vparams, vinputs))
@@ -182,9 +185,10 @@ class Build:
         for s in steps:
             s.same_as = first.setdefault((s.stage, s.key), s.target) if s.target else ""
             s.same_as = "" if s.same_as == s.target else s.same_as
-            s.entry = self.cache.get(s.stage, s.key)
+            s.entry = None if self.remeasure and s.stage == "validate" else self.cache.get(s.stage, s.key)
             s.cached = s.entry is not None
-            s.reason = "cached" if s.cached else (f"same as {s.stage} [{s.same_as}]" if s.same_as else why(self.cache, s, self.cfg.name))
+            s.reason = "cached" if s.cached else (f"same as {s.stage} [{s.same_as}]" if s.same_as else
+                                                  "--remeasure" if self.remeasure and s.stage == "validate" else why(self.cache, s, self.cfg.name))
         return steps
 
     def prune_step(self, pc, align: int, model_key: str) -> Step:
@@ -214,6 +218,7 @@ class Build:
         describe = {"name": self.cfg.name, "target": step.target, "params": step.params, "inputs": step.inputs}
         path, _ = self.cache.put(step.stage, step.key, describe, build)
         self.stage_times[label] = time.perf_counter() - t0
+        self.step_seconds[(step.stage, step.key)] = self.stage_times[label]
         return path
 
     def _torch_model(self, step: Step, entry: Path):
@@ -236,7 +241,10 @@ class Build:
         print_plan(self.progress, self.cfg.name, len(self.profiles), steps)
         data = self.data()
         by = {(s.stage, s.target): s for s in steps}
-        example = transfer_stage.example_input(cfg)
+        # an example input (a torch tensor) for the stages that run; a fully cached rebuild needs
+        # none, and then does not import torch at all
+        fully_cached = all(s.cached for s in steps) and ("distill", "") not in by and cfg.compress.search is None
+        example = None if fully_cached else transfer_stage.example_input(cfg)
 
         tstep = by[("transfer", "")]
         fcache = self.cache.root / "data" / "features" / self._features_key(data) if cfg.transfer.mode == "features" else None
@@ -290,7 +298,7 @@ class Build:
                 staged.append(r.bundle_name)
                 stage_rows.append(r.stage_row)
                 targets_report[name] = r.report
-            report = self._report(steps, tmeta, targets_report, time.perf_counter() - t_build)
+            report = report_data.assemble(self, steps, tmeta, targets_report, time.perf_counter() - t_build)
             report["stages"] = stage_rows
             report["warnings"] = warnings_
             report["transfer"]["near_chance"] = near_chance
@@ -301,7 +309,7 @@ class Build:
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"
-                self._write_report(report)
+                report_data.write(self.out, report)
                 raise GateFailed(
                     f"{len(failed)} budget or validation gate(s) failed; no bundle was written",
                     [(r["target"], r["budget"], str(r["limit"]), r.get("source", ""), str(r["measured"])) for r in failed],
@@ -309,12 +317,19 @@ class Build:
                 )
             report["status"] = "ok"
             bundles = bundle_stage.publish(staging, staged, self.out)
-            self._write_report(report)
+            report_data.write(self.out, report)
             return BuildResult(report, bundles)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
+    def _unavailable(self, prof: TargetProfile) -> str | None:
+        """Why a profile cannot be validated here; remembered in the cache (a cached rebuild
+        does not import every runtime to ask), probed afresh with --force or --remeasure."""
+        if not self.cache.enabled or self.remeasure:
+            return unavailable_reason(prof)
+        return unavailable_reason_memo(prof, self.cache.root / "host-devices.json")
+
     def _check_output(self) -> None:
         """The output folder must be a folder we can write; say so before hours of training."""
         existing = self.out.absolute()
@@ -356,31 +371,9 @@ class Build:
         """What one shared stage bought: params, MACs, file size, val accuracy, host latency."""
         lat = meta.get("host_latency") if lat is None else lat
         if lat is None:
-            lat = prune_stage.torch_latency(self._torch_model(step, entry), example=example)[0]
+            lat = prune_stage.torch_latency(self._torch_model(step, entry), example=transfer_stage.example_input(self.cfg) if example is None else example)[0]
         weights = entry / "model.safetensors"
         return {"stage": stage, "target": label, "precision": "fp32", "params": meta["params"], "macs": meta["macs"],
                 "bytes": weights.stat().st_size if weights.is_file() else None, "val_accuracy": meta["val_accuracy"],
                 "host_latency_p50_ms": lat["p50_ms"], "host_latency_p90_ms": lat["p90_ms"], "latency_runtime": lat.get("runtime"),
                 "status": "measured"}
-
-    def _report(self, steps, tmeta, targets_report, seconds) -> dict:
-        return {
-            "schema": "edgebuild.report/1",
-            "name": self.cfg.name,
-            "version": self.cfg.version,
-            "edgebuild": __version__,
-            "seconds": seconds,
-            "plan": plan_json(steps),
-            "stage_seconds": self.stage_times,
-            "transfer": {k: v for k, v in tmeta.items() if k != "history"} | {"history": tmeta.get("history")},
-            "targets": targets_report,
-        }
-
-    def _write_report(self, report: dict) -> None:
-        from .report import render_html
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        for fname, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.html", render_html(report))):
-            tmp = self.out / f".{fname}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.out / fname)

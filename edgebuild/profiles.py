@@ -86,6 +86,55 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def unavailable_reason_memo(profile: TargetProfile, memo: Path) -> str | None:
+    """:func:`unavailable_reason`, remembered in ``memo`` (a JSON file in the cache) per profile,
+    host, boot and runtime package versions: asking OpenVINO and ONNX Runtime which devices are
+    present means importing them (about 1 s), which a fully cached rebuild should not pay. A
+    device plugged in without a reboot is seen by ``build --force`` or ``--remeasure``."""
+    import hashlib
+    import json
+    import os
+    import socket
+    from importlib import metadata
+
+    from .runtimes import adapter
+
+    boot = _boot_id()
+    if boot is None:
+        return unavailable_reason(profile)
+    versions = {}
+    for pkg in adapter(profile.runtime).packages:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    key = hashlib.sha256(json.dumps([profile.model_dump(mode="json"), versions, boot, socket.gethostname()], sort_keys=True).encode()).hexdigest()[:24]
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and key in known:
+        return known[key]
+    reason = unavailable_reason(profile)
+    known = known if isinstance(known, dict) else {}
+    known[key] = reason
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache: probe every time
+    return reason
+
+
 def unavailable_reason(profile: TargetProfile) -> str | None:
     """Why this profile cannot be validated on this host, or None when it can."""
     from .runtimes import adapter

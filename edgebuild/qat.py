@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import os
@@ -32,22 +33,25 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
-from torch import nn
+from .lazy import torch, nn
 
 from .errors import ModelError
 
 
-class _Wrapped(nn.Module):
-    """NNCF adds a hook-storage submodule to the model it quantizes; a top-level nn.Sequential
-    would then call it as a layer. One plain wrapper avoids that for every model."""
+@functools.lru_cache(maxsize=None)
+def _wrapper_class():
+    class _Wrapped(nn.Module):
+        """NNCF adds a hook-storage submodule to the model it quantizes; a top-level nn.Sequential
+        would then call it as a layer. One plain wrapper avoids that for every model."""
 
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net = net
 
-    def forward(self, x):
-        return self.net(x)
+        def forward(self, x):
+            return self.net(x)
+
+    return _Wrapped  # defined on first use: importing this module does not import torch
 
 
 def _environment(ext_dir: Optional[Path]) -> None:
@@ -114,7 +118,7 @@ def train(job: QATJob, calib: np.ndarray, preset: str = "performance") -> nn.Mod
 
             teacher = job.model().cpu().eval()
             seed_everything(job.seed)
-            model = _Wrapped(copy.deepcopy(teacher)).eval()
+            model = _wrapper_class()(copy.deepcopy(teacher)).eval()
             items = [torch.as_tensor(np.ascontiguousarray(calib[b : b + 16], dtype=np.float32)) for b in range(0, len(calib), 16)]
             qpreset = nncf.QuantizationPreset.MIXED if preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
             qmodel = nncf.quantize(model, nncf.Dataset(items), preset=qpreset, subset_size=len(calib))

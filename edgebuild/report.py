@@ -6,6 +6,7 @@ import html
 import math
 
 from .render import render
+from .report_sections import accuracy_axis, curves_svg, matrix_html, per_class
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
@@ -39,11 +40,7 @@ def chart_svg(report: dict, width: int = 720, height: int = 360) -> str:
         x0, x1 = x0 - 0.1, x1 + 0.1
     pad = (x1 - x0) * 0.08
     x0, x1 = x0 - pad, x1 + pad
-    y0, y1 = min(ys), max(ys)
-    if y1 - y0 < 0.02:
-        y0, y1 = y0 - 0.01, y1 + 0.01
-    pady = (y1 - y0) * 0.1
-    y0, y1 = max(0.0, y0 - pady), min(1.0, y1 + pady) if y1 + pady <= 1.0 else y1 + pady
+    y0, y1 = accuracy_axis(ys)  # at least 10 points tall: 2 points apart must not look huge
 
     def sx(v):
         return left + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * pw
@@ -88,7 +85,15 @@ def chart_svg(report: dict, width: int = 720, height: int = 360) -> str:
 
 def render_html(report: dict) -> str:
     search = [(g, search_svg(g)) for g in ((report.get("search") or {}).get("groups") or [])]
-    return render("report.html.j2", report=report, chart=chart_svg(report), search=search)
+    classes = report.get("classes") or []
+    per_artifact = []
+    for name, t in (report.get("targets") or {}).items():
+        m = t.get("metrics") or {}
+        for split, conf in (("val", m.get("confusion")), ("test", m.get("test_confusion"))):
+            if conf:
+                per_artifact.append({"target": name, "split": split, "rows": per_class(conf, classes), "matrix": matrix_html(conf, classes)})
+    return render("report.html.j2", report=report, chart=chart_svg(report), search=search,
+                  curves=curves_svg(report.get("curves") or {}), per_artifact=per_artifact)
 
 
 def search_svg(group: dict, width: int = 720, height: int = 320) -> str:
@@ -103,7 +108,7 @@ def search_svg(group: dict, width: int = 720, height: int = 320) -> str:
     x0, x1 = min(lx), max(lx)
     x0, x1 = (x0 - 0.1, x1 + 0.1) if x1 - x0 < 0.2 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
     y0, y1 = min(acc), max(acc)
-    y0, y1 = (y0 - 0.01, y1 + 0.01) if y1 - y0 < 0.02 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    y0, y1 = accuracy_axis(acc)
     left, top, pw, ph = 60, 15, width - 80, height - 60
     sx = lambda v: left + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * pw  # noqa: E731
     sy = lambda v: top + (1 - (v - y0) / (y1 - y0)) * ph  # noqa: E731

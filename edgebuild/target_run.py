@@ -68,6 +68,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
 
     def do_validate(out):
         m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress, Xtest=data.Xtest, ytest=data.ytest)
+        m["opset"] = export_stage.opset_of(artifact, edir)
         outputs, source = b._golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
         if b.emulate and m["status"] == "not run" and not vstep.params.get("emulate") and prof.arch == "aarch64":
             m["reason"] += f"; --emulate covers only runtimes with aarch64 Linux wheels in the root (onnxruntime, litert), not {prof.runtime}"
@@ -84,7 +85,8 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     bdir.mkdir()
     manifest = manifest_mod.build_manifest(cfg, prof, metrics, tmeta, precision_meta, data, calib_idx, rows, mmeta=mmeta, effective=effective,
                                            reproducible=b.reproducible)
-    manifest["model"]["opset"] = export_stage.opset_of(artifact, edir)  # what was produced, not what was asked
+    # what was produced, not what was asked (recorded by validate: reading it needs onnx)
+    manifest["model"]["opset"] = metrics["opset"] if "opset" in metrics else export_stage.opset_of(artifact, edir)
     if getattr(b, "distillation", None):  # the bundle's model is a student: say whose
         manifest["distillation"] = b.distillation
     g = next((g for g in ((b.search or {}).get("groups") or []) if name in g["targets"]), None) if getattr(b, "search", None) else None

@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from .lazy import torch, nn, F, no_grad
 
 from . import distributed
 from .progress import Progress
@@ -40,7 +38,7 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-@torch.no_grad()
+@no_grad
 def predict(model: nn.Module, X, batch_size: int = 64, device: torch.device | None = None, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """Outputs for rows [lo, hi) of ``X`` (an array, a tensor or a store.ImageArray), read batch by batch."""
     device = device or torch.device("cpu")

@@ -24,6 +24,16 @@ def test_report_json_and_html_written(tiny_project, cli):
     assert "<svg" in html and "accuracy versus latency" in html
     assert "fp32 reference (PyTorch)" in html
     assert "not run" in html  # the aarch64 target
+    # the sections README promises: training curves, compression, per-class results per artifact
+    assert "<h2>Training</h2>" in html and 'class="curve"' in html
+    assert "<h2>Compression</h2>" in html and "int8 quantization, x86-openvino-int8" in html
+    for name in ("x86-onnxruntime-fp32", "x86-openvino-int8"):
+        assert f"<h3>{name} on val</h3>" in html
+    assert "rpi-aarch64-onnxruntime-int8 on val" not in html  # not measured here: no per-class claims
+    assert html.count('<table class="confusion">') == 2
+    assert "% of max |logit|" in html and "rounds," in html and "limit from" in html
+    conf = report["targets"]["x86-onnxruntime-fp32"]["metrics"]["confusion"]
+    assert sum(map(sum, conf)) == report["targets"]["x86-onnxruntime-fp32"]["metrics"]["samples"]
     # self-contained: nothing fetched from the network
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert "<script" not in html
@@ -66,3 +76,61 @@ def test_report_renders_in_headless_chromium(tiny_project, cli, tmp_path):
                         f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", (tiny_project / "dist" / "report.html").as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert "x86-onnxruntime-int8" in r.stdout and "<circle" in r.stdout
+    assert "Per-class results" in r.stdout and 'class="confusion"' in r.stdout and 'class="curve"' in r.stdout
+
+
+def test_accuracy_axis_is_never_zoomed_below_ten_points():
+    from edgebuild.report_sections import accuracy_axis
+
+    lo, hi = accuracy_axis([0.95, 0.97])
+    assert hi - lo >= 0.1 and lo <= 0.95 and hi >= 0.97 and hi <= 1.0
+    lo, hi = accuracy_axis([0.99, 1.0])
+    assert hi == 1.0 and hi - lo >= 0.1
+    lo, hi = accuracy_axis([0.2, 0.9])
+    assert lo < 0.2 and hi > 0.9
+    report = {"targets": {"a": {"profile": {"precision": "fp32"}, "metrics": {"status": "measured", "latency_p50_ms": 1.0, "accuracy": 0.95}},
+                          "b": {"profile": {"precision": "int8"}, "metrics": {"status": "measured", "latency_p50_ms": 0.5, "accuracy": 0.97}}}}
+    svg = chart_svg(report)
+    ticks = [float(t) for t in re.findall(r'text-anchor="end">([0-9.]+)</text>', svg)]
+    assert max(ticks) - min(ticks) >= 0.0999  # the 2-point gap takes at most a fifth of the height
+
+
+def test_per_class_rows_and_matrix():
+    from edgebuild.report_sections import matrix_html, per_class
+
+    conf = [[8, 2, 0], [1, 9, 0], [0, 0, 0]]
+    rows = per_class(conf, ["cat", "dog", "emu"])
+    assert rows[0] == {"class": "cat", "n": 10, "recall": 0.8, "precision": 8 / 9, "f1": pytest.approx(2 * 0.8 * (8 / 9) / (0.8 + 8 / 9)),
+                       "confused_with": "dog", "confused_n": 2}
+    assert rows[2]["recall"] is None and rows[2]["n"] == 0
+    html = matrix_html(conf, ["cat", "dog", "<emu>"])
+    assert "&lt;emu&gt;" in html and html.count("<tr>") == 4
+
+
+def test_slower_artifact_of_the_same_runtime_is_named():
+    from edgebuild.report_sections import slower_notes
+
+    def t(rt, p50, acc):
+        return {"profile": {"runtime": rt}, "metrics": {"status": "measured", "latency_p50_ms": p50, "accuracy": acc, "settings": {"runtime": rt}}}
+
+    report = {"targets": {"ov-fp16": t("openvino", 22.9, 0.97), "ov-fp32": t("openvino", 13.2, 0.97), "ort-fp32": t("onnxruntime", 5.0, 0.99),
+                          "ov-int8": t("openvino", 4.0, 0.90)}}
+    notes = slower_notes(report)
+    assert set(notes) == {"ov-fp16"}  # int8 is faster but less accurate; ORT is another runtime
+    assert "slower than ov-fp32" in notes["ov-fp16"] and "22.900 ms vs 13.200 ms" in notes["ov-fp16"]
+
+
+@pytest.mark.slow
+def test_compression_section_shows_prune_accuracies(tiny_project, cli):
+    from conftest import write_config
+
+    write_config(tiny_project, targets="[x86-onnxruntime-int8]", extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 1}\n  distill: {}\nbudgets: {max_accuracy_drop: 0.5}\n")
+    code, _, err = cli("build", tiny_project / "edgebuild.yaml")
+    assert code == 0, err
+    html = (tiny_project / "dist" / "report.html").read_text()
+    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    p = next(iter(report["compression"].values()))["prune"]
+    for v in (p["accuracy_before"], p["accuracy_after_prune"], p["accuracy_recovered"]):
+        assert f"{v:.4f}" in html
+    assert "with distillation from the unpruned model" in html
+    assert "prune recovery (align 8)" in html  # its curve beside the transfer's

@@ -42,36 +42,56 @@ class Runner:
             outs.append(np.asarray(self._run(chunk))[:n])
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
-    def benchmark(self, sample: np.ndarray, warmup: int = 10, min_iters: int = 50, max_seconds: float = 5.0, progress=None) -> dict:
-        """Latency of one batch (the artifact's static batch, else 1) after warm-up."""
-        n = self.static_batch or 1
-        x = np.ascontiguousarray(np.repeat(sample[:1], n, axis=0), dtype=np.float32)
+    def benchmark(self, sample: np.ndarray, warmup: int = 10, min_iters: int = 50, max_seconds: float = 5.0, progress=None,
+                  rounds: int = 5, warmup_seconds: float = 0.3) -> dict:
+        """Latency of one batch (the artifact's static batch, else 1).
+
+        Warm-up runs for at least ``warmup`` calls and ``warmup_seconds`` (caches, thread pools,
+        lazy kernel selection). The measurement is ``rounds`` rounds of equal length, together at
+        least ``min_iters`` runs and about ``max_seconds``; p50/p90 are over all runs, and the
+        spread of the per-round p90s says how far a single short measurement could be off."""
         import contextlib
 
-        for _ in range(warmup):
+        n = self.static_batch or 1
+        x = np.ascontiguousarray(np.repeat(sample[:1], n, axis=0), dtype=np.float32)
+        warm, t_warm = [], time.perf_counter() + warmup_seconds
+        while len(warm) < warmup or (time.perf_counter() < t_warm and len(warm) < 50 * warmup):
+            t0 = time.perf_counter()
             self._run(x)
-        times = []
-        t_end = time.perf_counter() + max_seconds
+            warm.append(time.perf_counter() - t0)
+        one = max(float(np.median(warm[len(warm) // 2:])), 1e-6)  # seconds per run, once warm
+        per_round = min(400, max(int(max_seconds / rounds / one), -(-min_iters // rounds)))
+        if per_round * rounds * one > 3 * max_seconds:  # a slow model: fewer runs, never under 4 a round
+            per_round = max(4, int(3 * max_seconds / rounds / one))
         label = f"benchmark {self.settings.get('runtime', '')} ({self.settings.get('threads', 'default')} threads)"
-        with (progress.task(label, 10 * min_iters) if progress else contextlib.nullcontext()) as task:
-            while len(times) < min_iters or (time.perf_counter() < t_end and len(times) < 10 * min_iters):
-                t0 = time.perf_counter()
-                self._run(x)
-                times.append((time.perf_counter() - t0) * 1000.0)
-                if task and len(times) % 25 == 0:
+        times: list[float] = []
+        p90s: list[float] = []
+        with (progress.task(label, rounds * per_round) if progress else contextlib.nullcontext()) as task:
+            for _ in range(rounds):
+                chunk = []
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    self._run(x)
+                    chunk.append((time.perf_counter() - t0) * 1000.0)
+                times += chunk
+                p90s.append(float(np.percentile(chunk, 90)))
+                if task:
                     task.update(len(times), f"p50 {np.percentile(times, 50):.3f} ms")
-                if len(times) >= min_iters and time.perf_counter() > t_end:
-                    break
             if task:
                 task.update(len(times), f"p50 {np.percentile(times, 50):.3f} ms over {len(times)} runs")
         arr = np.asarray(times)
+        p90 = float(np.percentile(arr, 90))
         return {
             "batch": n,
             "iterations": len(times),
-            "warmup": warmup,
+            "warmup": len(warm),
+            "rounds": rounds,
             "p50_ms": float(np.percentile(arr, 50)),
-            "p90_ms": float(np.percentile(arr, 90)),
+            "p90_ms": p90,
             "mean_ms": float(arr.mean()),
+            "p90_rounds_ms": [round(v, 4) for v in p90s],
+            # how far apart the rounds' p90s are, relative to the p90 over all runs
+            "p90_spread_pct": round(100.0 * (max(p90s) - min(p90s)) / p90, 2) if p90 > 0 else 0.0,
             "throughput_ips": float(n * 1000.0 / arr.mean()),
         }
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tarfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -122,8 +123,10 @@ def write_bundle(out: Path, ctx: dict) -> dict:
     return manifest
 
 
-def make_archive(folder: Path, archive: Path, arcroot: str) -> str:
-    """Deterministic .tar.gz of ``folder`` under ``arcroot/``; returns its sha256."""
+def make_archive(folder: Path, archive: Path, arcroot: str, previous: Path | None = None) -> str:
+    """Deterministic .tar.gz of ``folder`` under ``arcroot/``; returns its sha256. When
+    ``previous`` (the archive already in dist/) holds the very same tar, its bytes are reused:
+    a cached rebuild does not spend its time in gzip -9."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         paths = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
@@ -143,14 +146,30 @@ def make_archive(folder: Path, archive: Path, arcroot: str) -> str:
                 ti.size = len(data)
                 ti.mode = 0o755 if os.access(p, os.X_OK) else 0o644
                 tar.addfile(ti, io.BytesIO(data))
-    gz = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=gz, mtime=0, compresslevel=9) as g:
-        g.write(buf.getvalue())
-    data = gz.getvalue()
+    data = _same_archive(previous, buf.getvalue())
+    if data is None:
+        gz = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=gz, mtime=0, compresslevel=9) as g:
+            g.write(buf.getvalue())
+        data = gz.getvalue()
     archive.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
     return digest
+
+
+def _same_archive(previous: Path | None, tar: bytes) -> bytes | None:
+    """The bytes of ``previous`` when it is a gzip -9, mtime-0 archive of exactly ``tar``."""
+    if previous is None or not previous.is_file():
+        return None
+    try:
+        data = previous.read_bytes()
+        # our header: magic, deflate, no flags, mtime 0, XFL 2 (-9); then the content itself
+        if data[:9] != b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02" or gzip.decompress(data) != tar:
+            return None
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
+        return None
+    return data
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -178,7 +197,7 @@ def publish(staging: Path, staged: list[str], out: Path) -> list[Path]:
     import threading
 
     for name in staged:
-        make_archive(staging / name, staging / f"{name}.tar.gz", name)
+        make_archive(staging / name, staging / f"{name}.tar.gz", name, previous=out / f"{name}.tar.gz")
     caught: list[int] = []
     previous = {}
     if threading.current_thread() is threading.main_thread():

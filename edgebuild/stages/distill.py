@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
+from ..lazy import torch, nn
 
 from .. import distributed
 from ..config import BackboneConfig, BuildConfig

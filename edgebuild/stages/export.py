@@ -17,8 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
+from ..lazy import torch, nn
 
 from ..config import TargetProfile
 from ..errors import ModelError

@@ -26,10 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
+from ..lazy import torch, nn, F, no_grad, safetensors_torch
 
 from ..config import BuildConfig, PruneConfig
 from ..errors import ConfigError, ModelError, did_you_mean
@@ -254,7 +251,7 @@ def structure(pruned: nn.Module, original: nn.Module) -> dict[str, dict]:
 
 def save_pruned(model: nn.Module, original: nn.Module, out: Path) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "pruned": "1"})
+    safetensors_torch.save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "pruned": "1"})
     (out / "structure.json").write_text(json.dumps(structure(model, original), indent=1, sort_keys=True))
 
 
@@ -283,7 +280,7 @@ def apply_structure(model: nn.Module, struct: dict[str, dict], state: dict[str, 
 
 
 def load_pruned(fresh: nn.Module, entry: Path) -> nn.Module:
-    state = load_file(str(entry / "model.safetensors"))
+    state = safetensors_torch.load_file(str(entry / "model.safetensors"))
     struct = json.loads((entry / "structure.json").read_text())
     return apply_structure(fresh, struct, state)
 
@@ -308,7 +305,7 @@ def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@no_grad
 def torch_latency(*models: nn.Module, example: torch.Tensor, rounds: int = 7, iters: int = 10, warmup: int = 5) -> list[dict]:
     """Batch-1 PyTorch latency on this host's CPU (p50/p90 ms) of each model, measured in
     interleaved rounds so that models compared with each other see the same host load.

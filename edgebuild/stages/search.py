@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
+from ..lazy import torch, nn, no_grad
 
 from ..cache import make_key
 from ..config import PruneConfig
@@ -100,7 +99,7 @@ def label(c: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@no_grad
 def recalibrate_bn(model: nn.Module, X: np.ndarray, batch: int = 32) -> nn.Module:
     """Re-estimate every BatchNorm's running mean/var on ``X`` (cumulative average)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

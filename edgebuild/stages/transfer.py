@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from ..lazy import torch, nn, safetensors_torch
 
 from .. import backbones, distributed
 from ..config import BuildConfig
@@ -253,12 +251,12 @@ def chance_accuracy(y, num_classes: int) -> float:
 
 def save_model(model: nn.Module, out: Path) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    safetensors_torch.save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
     meta = json.loads((entry / "meta.json").read_text())
     model, _, _ = build_architecture(cfg, len(meta["classes"]), load_pretrained=False)
-    sd = load_file(str(entry / "model.safetensors"))
+    sd = safetensors_torch.load_file(str(entry / "model.safetensors"))
     model.load_state_dict(sd, strict=True)
     return model.eval()

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Budgets, TargetProfile
-from ..metrics import accuracy, agreement, max_abs_diff
+from ..metrics import accuracy, agreement, confusion, max_abs_diff
 from ..profiles import unavailable_reason
 from ..runtimes import open_runner
 
 NAME = "validate"
-VERSION = 2  # 2: test-set accuracy; min_accuracy gate
+VERSION = 3  # 2: test-set accuracy; min_accuracy gate. 3: confusion matrices; latency in rounds with the p90 spread
 
 # parity of the artifact with its PyTorch reference: |diff| <= tol * max(1, max|reference|)
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": None}
@@ -53,7 +53,9 @@ def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray
     bench = runner.benchmark(Xval[:1], progress=progress)
     test = {}
     if Xtest is not None and ytest is not None:
-        test = {"test_accuracy": accuracy(runner.run(Xtest), ytest), "test_samples": int(len(ytest))}
+        tlogits = runner.run(Xtest)
+        test = {"test_accuracy": accuracy(tlogits, ytest), "test_samples": int(len(ytest)),
+                "test_confusion": confusion(tlogits, ytest, int(ref_logits.shape[1]) if ref_logits.ndim == 2 else int(np.max(ytest, initial=0)) + 1)}
     return {
         **test,
         "status": "measured",
@@ -61,6 +63,7 @@ def run(profile: TargetProfile, artifact: Path, precision: str, Xval: np.ndarray
         "reference_accuracy": accuracy(ref_logits, yval),
         "agreement": agreement(logits, ref_logits),
         "max_abs_diff": max_abs_diff(logits, ref_logits),
+        "confusion": confusion(logits, yval, int(ref_logits.shape[1]) if ref_logits.ndim == 2 else int(np.max(yval, initial=0)) + 1),
         "reference_scale": float(np.max(np.abs(ref_logits))) if ref_logits.size else 0.0,
         "latency_p50_ms": bench["p50_ms"],
         "latency_p90_ms": bench["p90_ms"],
