@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from .lazy import torch, F
 
 from .config import AugmentConfig
 

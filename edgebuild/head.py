@@ -7,9 +7,7 @@ so model(x) == head(features(x)) still holds with the raw features."""
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from .lazy import torch, nn, F
 
 L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first; each solve starts from the previous one
 MAX_ITER = 500

@@ -22,7 +22,7 @@ def test_modules_import_without_heavy_libraries():
 
 @pytest.mark.slow
 def test_noop_rebuild_imports_no_heavy_library(tiny_project, tmp_path):
-    write_config(tiny_project, targets="[x86-onnxruntime-fp32, x86-openvino-int8]")
+    write_config(tiny_project, targets="[x86-onnxruntime-fp32, x86-openvino-int8]", extra="budgets: {min_agreement: 0.5}\n")
     env = {"EDGEBUILD_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     cfg = str(tiny_project / "edgebuild.yaml")
     first = subprocess.run([sys.executable, "-m", "edgebuild", "build", cfg], capture_output=True, text=True, env=env, timeout=600)
