@@ -21,6 +21,7 @@ import numpy as np
 from ..lazy import torch, nn
 
 from .. import distributed
+from ..augment import Augment
 from ..config import BackboneConfig, BuildConfig
 from ..metrics import count_macs, count_params
 from ..training import fit, pick_device, predict, seed_everything
@@ -83,8 +84,11 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, out: Path, prog
     init = "weights " + Path(scfg.backbone.weights).name if scfg.backbone.weights else "random"
     teacher = teacher.cpu().eval()
     seed_everything(cfg.seed)
+    aug = tc.effective_augment  # the transfer stage's augmentation and optimizer
+    augment = Augment(aug, cfg.preprocess.mean, cfg.preprocess.std, cfg.preprocess.channels, cfg.seed) if aug else None
     r = fit(student, student.parameters(), data.Xtrain, data.ytrain, data.Xval, data.yval, epochs=p["epochs"], lr=p["lr"],
             batch_size=tc.batch_size, seed=cfg.seed, weight_decay=tc.weight_decay, device=pick_device(tc.device), progress=progress,
+            optimizer=tc.optimizer, label_smoothing=tc.label_smoothing, patience=tc.patience, augment=augment,
             label=f"distill into student {cfg.compress.distill.student} ({init} init)", teacher=teacher,
             temperature=p["temperature"], alpha=p["alpha"])
     if not distributed.is_main():
