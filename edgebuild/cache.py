@@ -8,15 +8,21 @@ match is dropped with a warning and rebuilt.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+from .errors import EdgebuildError
+from .files import is_regular
+from .locks import FileLock
 
 ENTRY = "entry.json"
 
@@ -49,7 +55,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def _checksums(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != ENTRY:
+        if is_regular(p) and not p.is_symlink() and p.name != ENTRY:
             out[p.relative_to(folder).as_posix()] = sha256_file(p)
     return out
 
@@ -76,28 +82,97 @@ def sweep_stale(folder: Path, prefix: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+MARKER = "edgebuild-cache.json"
+CACHEDIR_TAG = "CACHEDIR.TAG"  # the standard tag: backup tools skip the folder
+STAGES = ("transfer", "prune", "export", "quantize", "validate", "bundle")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class CacheError(EdgebuildError):
+    """The cache folder cannot be used (not an edgebuild cache, full, read-only, damaged)."""
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+
+
 class Cache:
-    def __init__(self, root: Path | None = None, enabled: bool = True):
+    """Stage outputs by key. The folder identifies itself with a marker file; ``clear`` and
+    builds refuse a non-empty folder without one (it is someone's files, not a cache)."""
+
+    def __init__(self, root: Path | None = None, enabled: bool = True, wait: bool = True, log: Optional[Callable[[str], None]] = None):
         self.root = Path(root) if root else default_root()
         self.enabled = enabled
+        self.wait = wait  # a cache entry another build is writing: wait for it, or exit 2 naming its PID
+        self.log = log
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    # ------------------------------------------------------------------ identity
+    def is_cache(self) -> bool:
+        return is_regular(self.root / MARKER)
+
+    def _legacy(self) -> bool:
+        """A cache from before the marker: only stage folders of KEY/entry.json folders."""
+        try:
+            names = [p for p in self.root.iterdir()]
+        except OSError:
+            return False
+        return bool(names) and all(p.name in STAGES and p.is_dir() and not p.is_symlink() for p in names)
+
+    def check_identity(self, create: bool = False) -> None:
+        """Refuse a folder that is not an edgebuild cache; ``create``: mark a new or empty one."""
+        root = self.root
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise CacheError(f"cache folder {root} is not a folder", hint="pass --cache-dir with a folder (or set EDGEBUILD_CACHE_DIR)")
+        if self.is_cache():
+            return
+        try:
+            empty = not root.exists() or not any(root.iterdir())
+        except OSError as e:
+            raise CacheError(f"cache folder {root}: cannot list it ({e.strerror})", hint="check its permissions") from None
+        if not (empty or self._legacy()):
+            raise CacheError(f"{root} is not an edgebuild cache (it has files but no {MARKER})",
+                             hint="pass --cache-dir with an empty folder or an edgebuild cache; edgebuild never writes into or clears other folders")
+        if create:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                from .publish import write_atomic
+
+                write_atomic(root / CACHEDIR_TAG, "Signature: 8a477f597d28d172789f06886806bc55\n"
+                              "# This folder is an edgebuild stage cache (edgebuild cache clear empties it).\n")
+                write_atomic(root / MARKER, json.dumps({"edgebuild_cache": 1}) + "\n")
+            except OSError as e:
+                raise self._os_error(e, root) from None
+
+    def _os_error(self, e: OSError, where: Path) -> EdgebuildError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return CacheError(f"cache folder {self.root}: the disk is full ({e.strerror}) writing {where}",
+                              hint="free space, or pass --cache-dir on another disk (edgebuild cache clear empties this one)")
+        return CacheError(f"cache folder {self.root}: cannot write {where} ({e.strerror})",
+                          hint="check the folder's permissions, or pass --cache-dir with another folder")
+
+    # ------------------------------------------------------------------ entries
     def get(self, stage: str, key: str) -> Path | None:
-        """The entry folder when present and intact; a corrupt entry is dropped with a warning."""
+        """The entry folder when present and intact; a damaged entry (a file where a folder
+        belongs, unreadable or altered files) is dropped with a warning and rebuilt."""
         if not self.enabled:
             return None
         d = self.path(stage, key)
-        if not d.is_dir():
-            return None
         try:
+            if not os.path.lexists(d):
+                return None
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise ValueError("not a folder")
+            if not is_regular(d / ENTRY):
+                raise ValueError(f"{ENTRY} missing or not a regular file")
             meta = json.loads((d / ENTRY).read_text())
-            if meta.get("files") != _checksums(d):
+            if not isinstance(meta, dict) or meta.get("files") != _checksums(d):
                 raise ValueError("checksum mismatch")
-        except (OSError, ValueError, json.JSONDecodeError) as e:
-            warnings.warn(f"cache entry {stage}/{key} is corrupt ({e}); dropping it and rebuilding", stacklevel=2)
-            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            _warn(f"cache entry {stage}/{key} is damaged ({getattr(e, 'strerror', None) or e}); dropping it and rebuilding")
+            self._drop(d)
             return None
         try:
             os.utime(d / ENTRY)  # last use, for 'cache ls'
@@ -105,33 +180,72 @@ class Cache:
             pass
         return d
 
-    def put(self, stage: str, key: str, describe: dict, build: Callable[[Path], Any]) -> tuple[Path, Any]:
-        """Run ``build(tmpdir)``; on success move tmpdir to the entry atomically."""
-        (self.root / stage).mkdir(parents=True, exist_ok=True)
-        sweep_stale(self.root / stage, ".tmp-")
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key}-", dir=self.root / stage))
+    def _drop(self, d: Path) -> None:
+        """Remove a damaged entry (or a file where a folder belongs) so it can be rebuilt."""
         try:
-            t0 = time.perf_counter()
-            result = build(tmp)
-            entry = {"stage": stage, "key": key, "created": time.time(), "seconds": round(time.perf_counter() - t0, 3),
-                     "describe": describe, "files": _checksums(tmp)}
-            (tmp / ENTRY).write_text(json.dumps(entry, indent=2, default=str))
-            final = self.path(stage, key)
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            return final, result
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if os.path.isdir(d) and not os.path.islink(d):
+                trash = d.with_name(f".tmp-{os.getpid()}-drop-{d.name}")
+                os.replace(d, trash)  # gone from its place at once, even if deleting fails
+                shutil.rmtree(trash, ignore_errors=True)
+            elif os.path.lexists(d):
+                os.unlink(d)
+        except OSError as e:
+            raise CacheError(f"cache entry {d} is damaged and cannot be removed ({e.strerror})",
+                             hint=f"remove it by hand, or run 'edgebuild cache clear --cache-dir {self.root}'") from None
+
+    def put(self, stage: str, key: str, describe: dict, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+        """Run ``build(tmpdir)``; on success move tmpdir to the entry atomically. The entry is
+        locked meanwhile: a second build of the same entry waits and then reuses it."""
+        self.check_identity(create=True)
+        stage_dir = self.root / stage
+        try:
+            if os.path.lexists(stage_dir) and not os.path.isdir(stage_dir):
+                _warn(f"cache: {stage_dir} is not a folder; replacing it")
+                self._drop(stage_dir)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._os_error(e, stage_dir) from None
+        sweep_stale(stage_dir, ".tmp-")
+        with FileLock(stage_dir / f".{key}.lock", f"cache entry {stage}/{key}", wait=self.wait, log=self.log):
+            if self.enabled:
+                hit = self.get(stage, key)
+                if hit is not None:  # another build wrote it while this one waited
+                    return hit, None
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key}-", dir=stage_dir))
+            except OSError as e:
+                raise self._os_error(e, stage_dir) from None
+            try:
+                t0 = time.perf_counter()
+                result = build(tmp)
+                entry = {"stage": stage, "key": key, "created": time.time(), "seconds": round(time.perf_counter() - t0, 3),
+                         "describe": describe, "files": _checksums(tmp)}
+                (tmp / ENTRY).write_text(json.dumps(entry, indent=2, default=str))
+                final = self.path(stage, key)
+                if os.path.lexists(final):
+                    self._drop(final)
+                os.replace(tmp, final)
+                return final, result
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if e.errno in _DISK_FULL:
+                    raise self._os_error(e, Path(e.filename) if e.filename else tmp) from None
+                raise
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, Exception) and not isinstance(e, EdgebuildError) and _disk_full(stage_dir):
+                    # a library wrapped the write error (torch: "PytorchStreamWriter failed writing file")
+                    raise CacheError(f"cache folder {self.root}: the disk is full while writing a {stage} entry ({type(e).__name__})",
+                                     hint="free space, or pass --cache-dir on another disk (edgebuild cache clear empties this one)") from e
+                raise
 
     def entries(self) -> list[dict]:
         out = []
         if not self.root.is_dir():
             return out
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for d in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")):
-                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()):
+            for d in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
                 try:
                     mtime = (d / ENTRY).stat().st_mtime
                 except OSError:
@@ -140,9 +254,25 @@ class Cache:
         return out
 
     def clear(self) -> int:
+        """Remove every entry of this cache; a folder that is not an edgebuild cache is refused."""
+        if not os.path.lexists(self.root):
+            return 0
+        if not self.is_cache():
+            if self._legacy():
+                self.check_identity(create=True)
+            else:
+                raise CacheError(f"{self.root} is not an edgebuild cache (no {MARKER}); nothing was removed",
+                                 hint="check --cache-dir / EDGEBUILD_CACHE_DIR: clear only empties folders edgebuild made")
         n = len(self.entries())
-        if self.root.is_dir():
-            for stage_dir in self.root.iterdir():
-                if stage_dir.is_dir():
-                    shutil.rmtree(stage_dir, ignore_errors=True)
+        for stage_dir in self.root.iterdir():
+            if stage_dir.is_dir() and not stage_dir.is_symlink():
+                shutil.rmtree(stage_dir, ignore_errors=True)
         return n
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin

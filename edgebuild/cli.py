@@ -153,8 +153,9 @@ def _torchrun(f):
 @click.option("--nproc", type=click.IntRange(min=1), help="train on N processes on this machine (runs the build under torchrun)")
 @click.option("--dry-run", is_flag=True, help="print the plan (what is cached, what runs and why) and stop")
 @click.option("--remeasure", is_flag=True, help="validate again (latency gates, accuracy) on this host; every other stage from the cache")
+@click.option("--no-wait", is_flag=True, help="another build holds the output folder or a cache entry: exit 2 naming its PID instead of waiting")
 @_torchrun
-def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run, emulate, remeasure):
+def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproducible, dry_run, emulate, remeasure, no_wait):
     """Build one validated bundle per target from CONFIG."""
     from .cache import Cache
     from .config import load_build_config
@@ -172,8 +173,9 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
     from . import distributed
 
     progress = Progress("quiet" if as_json or not distributed.is_main() else "auto")
-    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force), progress, tuple(targets_dir), reproducible=reproducible or None,
-              emulate=emulate, remeasure=remeasure)
+    b = Build(cfg, list(targets) or None, out, Cache(cache_dir, enabled=not force, wait=not no_wait), progress, tuple(targets_dir),
+              reproducible=reproducible or None, emulate=emulate, remeasure=remeasure)
+    b.wait = not no_wait
     if dry_run:
         plan = b.dry_run()
         if as_json:
@@ -182,8 +184,8 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
     try:
         result = b.run()
     except GateFailed:
-        if as_json and (b.out / "report.json").exists():
-            click.echo((b.out / "report.json").read_text())
+        if as_json and (b.out / "failed-report.json").is_file():  # the failed build's, not the published one
+            click.echo((b.out / "failed-report.json").read_text())
         raise
     if result is None:  # a torchrun worker: rank 0 writes and reports
         return

@@ -36,7 +36,7 @@ Float = Annotated[float, BeforeValidator(_number)]
 
 MIN_STD = 1e-3
 MAX_BATCH = 4096  # the exporter's largest dynamic batch, too
-MAX_INPUT_BYTES = 1 << 30  # one model input (batch x channels x height x width float32)
+MAX_INPUT_BYTES = 512 << 20  # one model input (batch x channels x height x width float32)
 MIN_OPSET = 14  # the ONNX exporter turns a lower opset into 18 without saying so
 
 
@@ -471,8 +471,8 @@ def format_validation_error(err: ValidationError, path: Path, model: type[BaseMo
 
 
 def load_build_config(path: str | os.PathLike) -> BuildConfig:
+    data = _read_yaml(Path(os.path.abspath(path)), "build file")  # checked before links are resolved (a loop, a broken link)
     path = Path(path).resolve()
-    data = _read_yaml(path, "build file")
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as e:

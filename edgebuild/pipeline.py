@@ -25,8 +25,10 @@ from .config import BuildConfig, PruneConfig, TargetProfile
 from .data import calibration_indices, sha256_file
 from .dataset import Data, prepare
 from . import manifest as manifest_mod
+from . import publish as publish_mod
 from . import qat as qat_mod
-from .errors import ConfigError, EdgebuildError, GateFailed
+from .locks import FileLock
+from .errors import EdgebuildError, GateFailed
 from .profiles import ProfileRegistry, check_input_fits, refuse_missing_extras, unavailable_reason, unavailable_reason_memo
 from .runtimes import adapter
 from .progress import Progress
@@ -94,6 +96,8 @@ class Build:
         self.search: Optional[dict] = None
         self.stage_times: dict[str, float] = {}
         self.step_seconds: dict[tuple[str, str], float] = {}  # (stage, key): seconds this build spent on it
+        self.wait = True  # another build holding the output folder: wait (False: exit 2 naming it)
+        self._out_lock = None
 
     # ------------------------------------------------------------------ inputs
     def data(self) -> Data:
@@ -170,6 +174,7 @@ class Build:
                 qparams = {"runtime": prof.runtime, "scheme": prof.quantization.model_dump(), "batch": prof.batch,
                            "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed, "fallback": prof.fallback,
                            "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
+                           "min_agreement": validate_stage.merged_budgets(prof, cfg.budgets).get("min_agreement"),
                            "guard_baseline": transfer.key}
                 qinputs = {"model": export.key, "data": data.fingerprint, "tool": rt.versions()}
                 qat_mod.key_step(qparams, qinputs, cfg, prof, model_step.key)
@@ -228,12 +233,28 @@ class Build:
         return self._models[step.key]
 
     def run(self) -> BuildResult:
+        try:
+            return self._run()
+        finally:
+            if self._out_lock is not None:
+                self._out_lock.release()
+
+    def _lock_output(self) -> None:
+        """Hold dist/.lock (one build writes an output folder at a time): wait for another
+        holder, naming its PID, or exit 2 with --no-wait."""
+        if self._out_lock is None:
+            self._out_lock = FileLock(self.out / ".lock", f"output folder {self.out}", wait=self.wait).acquire()
+
+    def _run(self) -> BuildResult:
         cfg = self.cfg
         t_build = time.perf_counter()
         if not distributed.is_main():  # under torchrun only rank 0 reads and writes the cache
             self.cache = Cache(self.cache.root, enabled=False)
         else:
-            self._check_output()  # before any training, not after it
+            publish_mod.check_output(self.out)  # before any training, not after it
+            self.cache.check_identity()  # a folder that is not an edgebuild cache is refused before training
+            if self.out.is_dir():
+                self._lock_output()
         steps = self.plan()
         distributed.sync_cached(steps)  # rank 0's cache decisions hold on every rank
         if all(s.cached for s in steps if not s.target) and distributed.end_of_training():
@@ -289,6 +310,7 @@ class Build:
         gate_rows = []
         staged = []
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_output()
         sweep_stale(self.out, ".staging-")  # left by a build that was killed
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.out))
         try:
@@ -309,15 +331,17 @@ class Build:
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]
             if failed:
                 report["status"] = "failed"
-                report_data.write(self.out, report)
+                where = publish_mod.write_failed_report(self.out, report_data.texts(report))
                 raise GateFailed(
-                    f"{len(failed)} budget or validation gate(s) failed; no bundle was written",
+                    f"{len(failed)} budget or validation gate(s) failed; no bundle was written and the published {self.out} is unchanged;"
+                    f" this build's report: {where}",
                     [(r["target"], r["budget"], str(r["limit"]), r.get("source", ""), str(r["measured"])) for r in failed],
                     hint=_gate_hint(failed),
                 )
             report["status"] = "ok"
-            bundles = bundle_stage.publish(staging, staged, self.out)
-            report_data.write(self.out, report)
+            bundles = publish_mod.publish(staging, staged, self.out,
+                                          lambda folder, archive, name: bundle_stage.make_archive(folder, archive, name, previous=self.out / f"{name}.tar.gz"),
+                                          lambda folder: report_data.write(folder, report))
             return BuildResult(report, bundles)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -329,19 +353,6 @@ class Build:
         if not self.cache.enabled or self.remeasure:
             return unavailable_reason(prof)
         return unavailable_reason_memo(prof, self.cache.root / "host-devices.json")
-
-    def _check_output(self) -> None:
-        """The output folder must be a folder we can write; say so before hours of training."""
-        existing = self.out.absolute()
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        problem = None
-        if not existing.is_dir():
-            problem = f"{existing} is not a folder"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            problem = f"{existing} is not writable"
-        if problem:
-            raise ConfigError(f"cannot write the output folder {self.out}: {problem}", hint="pass -o with a folder you can write to")
 
     def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
         """Outputs the artifact gives for the golden inputs on this host (the CPU of the same

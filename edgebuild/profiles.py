@@ -77,7 +77,7 @@ def check_input_fits(profile: TargetProfile, preprocess, path: Path | None) -> N
     size = batch * preprocess.channels * h * w * 4
     if size > MAX_INPUT_BYTES:
         raise ConfigError(f"{path or profile.name}: target '{profile.name}': one input of batch {batch} x {preprocess.channels} x {h} x {w} "
-                          f"float32 is {size / 2**30:.1f} GiB, over the limit of {MAX_INPUT_BYTES / 2**30:.0f} GiB",
+                          f"float32 is {size / 2**30:.1f} GiB, over the limit of {MAX_INPUT_BYTES / 2**20:.0f} MiB",
                           hint="lower 'batch' in the target profile or 'preprocess.input_size' in the build file")
 
 

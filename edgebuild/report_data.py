@@ -4,7 +4,6 @@ report.html (rendered by report.py) into the output folder."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,11 +63,18 @@ def curves(b: "Build", tmeta: dict, steps: list[Step]) -> dict:
     return {k: v for k, v in out.items() if v}
 
 
-def write(out: Path, report: dict) -> None:
+def texts(report: dict) -> dict[str, str]:
+    """report.json and report.html as text."""
     from .report import render_html
 
+    return {"report.json": json.dumps(report, indent=2, default=str), "report.html": render_html(report)}
+
+
+def write(out: Path, report: dict) -> None:
+    """The report files into ``out`` (a generation folder being published), each through a
+    uniquely named temporary file (two builds never share one)."""
+    from .publish import write_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    for fname, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.html", render_html(report))):
-        tmp = out / f".{fname}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / fname)
+    for fname, text in texts(report).items():
+        write_atomic(out / fname, text)

@@ -67,7 +67,13 @@ def _run(cmd: list[str], tmp: Path, cache: Path, env: dict | None = None, timeou
 
 
 def _layout(out: Path) -> list[str]:
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.name.startswith("."))
+    """The published names and everything under them (dist/NAME-TARGET links followed; the
+    hidden generation folders, whose names differ per build, left out)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath, n).relative_to(out).as_posix() for n in dirnames + filenames if not n.startswith(".")]
+    return sorted(found)
 
 
 @pytest.fixture(scope="module")

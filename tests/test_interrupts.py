@@ -20,10 +20,40 @@ pytestmark = pytest.mark.slow
 
 
 def tree_digest(folder: Path) -> dict:
-    """Every file of dist/ but a killed build's staging folder (kill -9 cannot clean up; the
-    next build sweeps it, checked below)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.relative_to(folder).parts[0].startswith(".staging-")}
+    """What a user sees in dist/: every published name, links followed, with its content's hash
+    (hidden entries, a killed build's staging folder and unpublished generations, are not part
+    of it; the next build sweeps them, checked below)."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())):
+            out[f.relative_to(folder).as_posix() if f != p else p.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def published_whole(dist: Path) -> str:
+    """dist/ shows one generation, whole: every published name resolves into the same one, each
+    bundle folder and its archive verify and hold the same manifest, and the report lists
+    exactly those bundles. Returns the generation's name."""
+    import json
+    import tarfile
+
+    from edgebuild.verify import verify_bundle
+
+    names = [p for p in dist.iterdir() if not p.name.startswith(".") and not p.name.startswith("failed-report")]
+    gens = {Path(os.path.realpath(p)).relative_to(dist.resolve()).parts[:2] for p in names}
+    assert len(gens) == 1 and next(iter(gens))[0] == ".generations", gens
+    report = json.loads((dist / "report.json").read_text())
+    bundles = sorted(p.name for p in names if p.is_dir())
+    assert sorted(t["bundle"] for t in report["targets"].values()) == bundles
+    for b in bundles:
+        folder = verify_bundle(dist / b)["manifest"]
+        archive = verify_bundle(dist / f"{b}.tar.gz")["manifest"]
+        assert folder == archive
+        with tarfile.open(dist / f"{b}.tar.gz") as tar:
+            assert json.loads(tar.extractfile(f"{b}/manifest.json").read()) == json.loads((dist / b / "manifest.json").read_text())
+    return next(iter(gens))[1]
 
 
 def build_proc(project: Path, cache: Path):
@@ -93,18 +123,8 @@ def test_interrupt_keeps_cache_and_dist(built_once, tmp_path, sig, marker):
     else:
         assert proc.returncode == -9
     after = tree_digest(dist)
-    if "validate" in marker and after != before:
-        # killed while moving finished bundles into place: each bundle is then either the old
-        # one or the whole new one, never a mix (folders are swapped by one rename)
-        from edgebuild.verify import verify_bundle
-
-        for b in (p for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            verify_bundle(b)
-            files = {k: v for k, v in after.items() if k.startswith(b.name + "/")}
-            old = {k: v for k, v in before.items() if k.startswith(b.name + "/")}
-            assert files == old or set(files) == set(old)
-    else:
-        assert after == before, "the previous dist/ changed"
+    published_whole(dist)
+    assert after == before, "the previous dist/ changed"
     cache_is_intact(cache)
     # the next build succeeds, resumes from what was completed and leaves no debris
     again = build_proc(project, cache)
@@ -112,6 +132,42 @@ def test_interrupt_keeps_cache_and_dist(built_once, tmp_path, sig, marker):
     assert again.returncode == 0, out
     if "transfer" not in marker:
         assert "cached" in out  # stages completed before the interrupt are reused
-    assert not [p for p in dist.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in dist.iterdir() if p.name.startswith(".")) == [".current", ".generations", ".lock"]
+    assert [p.name for p in (dist / ".generations").iterdir()] == [published_whole(dist)]  # no debris
     assert not list(cache.rglob(".tmp-*"))
     cache_is_intact(cache)
+
+
+PUBLISH_STEPS = ["archive", "bundle", "carried", "report", "links", "flipped", "swept"]
+
+
+@pytest.mark.parametrize("step", PUBLISH_STEPS)
+def test_kill_9_at_each_publishing_step_leaves_one_whole_build(built_once, tmp_path, step):
+    """kill -9 while dist/ is being published (EDGEBUILD_TEST_PUBLISH_DELAY holds each step):
+    dist/ is the complete old build before the switch and the complete new one after it;
+    bundles, archives and report always agree, and the next build cleans up."""
+    import shutil
+
+    project, cache = tmp_path / "project", tmp_path / "cache"
+    shutil.copytree(built_once[0], project, symlinks=True)
+    shutil.copytree(built_once[1], cache)
+    dist = project / "dist"
+    before = tree_digest(dist)
+    old_gen = published_whole(dist)
+    write_config(project, epochs=3)  # a different model: every bundle changes
+    env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", EDGEBUILD_TEST_PUBLISH_DELAY="60")
+    proc = subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
+                             "-t", "x86-openvino-int8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project)
+    wait_for(proc, f"publish step: {step}")
+    proc.kill()
+    proc.communicate(timeout=60)
+    gen = published_whole(dist)
+    if PUBLISH_STEPS.index(step) < PUBLISH_STEPS.index("flipped"):
+        assert gen == old_gen and tree_digest(dist) == before
+    else:
+        assert gen != old_gen and tree_digest(dist) != before
+    again = subprocess.run([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
+                            "-t", "x86-openvino-int8"], capture_output=True, text=True, env=dict(env, EDGEBUILD_TEST_PUBLISH_DELAY=""), cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in (dist / ".generations").iterdir()] == [published_whole(dist)]
+    assert not [p for p in dist.iterdir() if ".link-" in p.name or p.name.startswith((".staging", ".current.tmp"))]

@@ -1,7 +1,7 @@
 """Bundle: model, labels, preprocessing, stubs, golden self-test, manifest, package.
 
-The bundle folder is assembled in a staging folder; the pipeline moves it into ``dist/`` only
-when the whole build succeeded. Archives are deterministic: sorted entries, fixed mtime,
+The bundle folder is assembled in a staging folder; edgebuild/publish.py publishes it into
+``dist/`` only when the whole build succeeded. Archives are deterministic: sorted entries, fixed mtime,
 uid/gid 0, no gzip name or time.
 """
 
@@ -170,63 +170,3 @@ def _same_archive(previous: Path | None, tar: bytes) -> bytes | None:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
         return None
     return data
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def publish(staging: Path, staged: list[str], out: Path) -> list[Path]:
-    """Package the finished bundles in ``staging`` and move them into ``out`` one by one: each
-    folder is swapped in by one rename (the old one goes only once the new one is in place).
-    Ctrl-C and SIGTERM wait until the moves are done; kill -9 cannot be held off, but every
-    bundle folder and file is still replaced whole."""
-    import signal
-    import threading
-
-    for name in staged:
-        make_archive(staging / name, staging / f"{name}.tar.gz", name, previous=out / f"{name}.tar.gz")
-    caught: list[int] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
-    try:
-        moved = [_move_into_place(staging, name, out) for name in staged]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:  # honoured now that every bundle is whole
-        raise KeyboardInterrupt
-    return moved
-
-
-def _move_into_place(staging: Path, name: str, out: Path) -> Path:
-    src, dst = staging / name, out / name
-    old = None
-    if dst.exists():
-        if exchange(src, dst):  # atomic: dst is the new bundle, src holds the old one
-            old = src
-        else:
-            old = staging / f".old-{name}"
-            os.replace(dst, old)
-            os.replace(src, dst)
-    else:
-        os.replace(src, dst)
-    os.replace(staging / f"{name}.tar.gz", out / f"{name}.tar.gz")
-    os.replace(staging / f"{name}.tar.gz.sha256", out / f"{name}.tar.gz.sha256")
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst

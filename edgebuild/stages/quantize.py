@@ -24,7 +24,7 @@ from ..errors import ModelError
 from ..runtimes import adapter
 
 NAME = "quantize"
-VERSION = 2
+VERSION = 3  # 3: the guard acts on min_agreement too
 
 
 def quiet():
@@ -50,11 +50,47 @@ def host_profile(profile: TargetProfile) -> TargetProfile:
     return profile.model_copy(update={"device": "CPU", "arch": "any"})
 
 
-def host_accuracy(profile: TargetProfile, artifact: Path, precision: str, X: np.ndarray, y: np.ndarray) -> float:
+def host_logits(profile: TargetProfile, artifact: Path, precision: str, X: np.ndarray) -> np.ndarray:
     from ..runtimes import open_runner
 
-    logits = open_runner(host_profile(profile), artifact, precision).run(X)
-    return float((logits.argmax(1) == y).mean()) if len(y) else 0.0
+    return open_runner(host_profile(profile), artifact, precision).run(X)
+
+
+def host_accuracy(profile: TargetProfile, artifact: Path, precision: str, X: np.ndarray, y: np.ndarray) -> float:
+    return float((host_logits(profile, artifact, precision, X).argmax(1) == y).mean()) if len(y) else 0.0
+
+
+# the accuracy-type gates the guard can improve: how each is measured on an attempt, and how
+# an attempt's record is judged against its limit
+GUARDED = ("max_accuracy_drop", "min_agreement")
+
+
+def _measure(rec: dict, logits: np.ndarray, y: np.ndarray, ref_pred: np.ndarray | None, base: float) -> None:
+    acc = float((logits.argmax(1) == y).mean()) if len(y) else 0.0
+    rec.update(accuracy=acc, drop=round(base - acc, 6))
+    if ref_pred is not None and len(ref_pred) == len(logits):
+        rec["agreement"] = float((logits.argmax(1) == ref_pred).mean()) if len(y) else 1.0
+
+
+def _within(rec: dict, limits: dict) -> bool:
+    """Every guarded limit met (an attempt that could not be measured meets none)."""
+    if "accuracy" not in rec:
+        return False
+    ok = True
+    if "max_accuracy_drop" in limits:
+        ok &= rec["drop"] <= limits["max_accuracy_drop"] + 1e-12
+    if "min_agreement" in limits:
+        ok &= rec.get("agreement", 0.0) >= limits["min_agreement"] - 1e-12
+    return bool(ok)
+
+
+def _shown(rec: dict, limits: dict) -> str:
+    if "accuracy" not in rec:
+        return f"failed: {rec.get('error')}"
+    parts = [f"accuracy {rec['accuracy']:.4f} (drop {rec['drop']:+.4f}" + (f", budget {limits['max_accuracy_drop']})" if "max_accuracy_drop" in limits else ")")]
+    if "agreement" in rec:
+        parts.append(f"agreement {rec['agreement']:.4f}" + (f" (min {limits['min_agreement']})" if "min_agreement" in limits else ""))
+    return ", ".join(parts)
 
 
 def _attempts_plan(profile: TargetProfile, rt, qat=None) -> list[tuple[str, dict]]:
@@ -83,11 +119,14 @@ class _Batches:
 
 
 def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval: np.ndarray | None = None, yval: np.ndarray | None = None,
-        baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, log=None, qat=None) -> dict:
-    """Quantize ``src`` (the export entry) into ``out``; with a budget, guard its accuracy.
+        baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, min_agreement: float | None = None,
+        ref_logits: np.ndarray | None = None, log=None, qat=None) -> dict:
+    """Quantize ``src`` (the export entry) into ``out``; with an accuracy-type budget
+    (max_accuracy_drop, min_agreement), guard it: remedies in order, then the fallback.
 
     ``baseline_accuracy`` is what the build's accuracy budget is measured against (the
-    transferred fp32 model). ``qat`` (a :class:`edgebuild.qat.QATJob`) adds quantization-aware
+    transferred fp32 model); ``ref_logits`` are the reference model's outputs that top-1
+    agreement is measured against. ``qat`` (a :class:`edgebuild.qat.QATJob`) adds quantization-aware
     training after the PTQ remedies, or replaces them with ``method: qat``. Returns quantize.json: every attempt, the decision and the
     effective precision of the artifact left in ``out``.
     """
@@ -98,15 +137,31 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
     log = log or (lambda msg: None)
     can_measure = Xval is not None and yval is not None and len(yval) > 0
     why_not = unavailable_reason(host_profile(profile)) if can_measure else "no validation data given"
-    guard = max_accuracy_drop is not None and baseline_accuracy is not None and not why_not
-    fp32_acc = host_accuracy(profile, src, "fp32", Xval, yval) if not why_not else None
+    fp32_logits = host_logits(profile, src, "fp32", Xval) if not why_not else None
+    fp32_acc = float((fp32_logits.argmax(1) == yval).mean()) if fp32_logits is not None else None
     base = baseline_accuracy if baseline_accuracy is not None else fp32_acc
+    ref_pred = np.asarray(ref_logits).argmax(1) if ref_logits is not None and len(ref_logits) else \
+        (fp32_logits.argmax(1) if fp32_logits is not None else None)
+    limits = {k: v for k, v in (("max_accuracy_drop", max_accuracy_drop), ("min_agreement", min_agreement)) if v is not None}
+    if base is None:
+        limits.pop("max_accuracy_drop", None)
+    guard = bool(limits) and not why_not
     rt = adapter(profile.runtime)
     plan = _attempts_plan(profile, rt, qat) if guard or profile.quantization.method == "qat" else [("plain", {})]
     ac = None
     if guard and rt.accuracy_control:
         static = profile.batch if isinstance(profile.batch, int) else 1
-        val_items = _Batches(Xval, yval, static)
+        # NNCF controls one metric's drop: accuracy on the labels, or (agreement budget only)
+        # accuracy on the reference model's predictions, which is top-1 agreement
+        if "max_accuracy_drop" in limits:
+            labels = yval
+            own_drop = max(0.0, (base or 0.0) - (fp32_acc or 0.0))
+            max_drop = max(0.0, limits["max_accuracy_drop"] - own_drop)
+        else:
+            labels = ref_pred
+            own = float((fp32_logits.argmax(1) == ref_pred).mean())
+            max_drop = max(0.0, own - limits["min_agreement"])
+        val_items = _Batches(Xval, labels, static)
 
         def validation_fn(compiled, items):
             hits = n = 0
@@ -116,8 +171,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
                 n += len(y)
             return hits / max(n, 1)
 
-        own_drop = max(0.0, (base or 0.0) - (fp32_acc or 0.0))
-        ac = {"val_items": val_items, "validation_fn": validation_fn, "max_drop": max(0.0, max_accuracy_drop - own_drop)}
+        ac = {"val_items": val_items, "validation_fn": validation_fn, "max_drop": max_drop}
 
     attempts: list[dict] = []
     chosen = None
@@ -129,16 +183,15 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
             info = qat.run(profile, adir, calib) if opts.get("qat") else rt.quantize(profile, src, adir, calib, opts, ac)
             rec.update({k: v for k, v in info.items() if k != "seconds"}, seconds=round(info["seconds"], 3))
             if not why_not:
-                acc = host_accuracy(profile, adir, "int8", Xval, yval)
-                rec.update(accuracy=acc, drop=round(base - acc, 6))
-            rec["within_budget"] = (rec["drop"] <= max_accuracy_drop + 1e-12) if guard else None
+                _measure(rec, host_logits(profile, adir, "int8", Xval), yval, ref_pred, base)
+            rec["within_budget"] = _within(rec, limits) if guard else None
         except ModelError as e:
             if not guard:
                 raise
             rec.update(error=e.message, within_budget=False)
         attempts.append(rec)
         if guard:
-            log(f"  int8 attempt '{what}': " + (f"accuracy {rec['accuracy']:.4f} (drop {rec['drop']:+.4f}, budget {max_accuracy_drop})" if "accuracy" in rec else f"failed: {rec.get('error')}"))
+            log(f"  int8 attempt '{what}': {_shown(rec, limits)}")
         if not guard or rec["within_budget"]:
             chosen = i
             break
@@ -148,20 +201,22 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
         usable = [i for i, a in enumerate(attempts) if "accuracy" in a]
         if profile.fallback == "fail":
             decision = "fail"
-            chosen = max(usable, key=lambda i: attempts[i]["accuracy"]) if usable else None
-            log(f"  int8 over the accuracy budget after {len(attempts)} attempts; the profile's fallback is 'fail'")
+            chosen = max(usable, key=lambda i: (attempts[i].get("agreement", 0.0), attempts[i]["accuracy"])
+                         if "max_accuracy_drop" not in limits else attempts[i]["accuracy"]) if usable else None
+            log(f"  int8 over the accuracy budget ({', '.join(limits)}) after {len(attempts)} attempts; the profile's fallback is 'fail'")
             if chosen is None:
                 raise ModelError(f"int8 quantization failed for {profile.name} in every attempt: {attempts[-1].get('error')}",
                                  hint="use an fp32/fp16 target or set fallback: fp32 in the profile")
         else:
             effective = rt.fallback(profile, src, out, profile.fallback)
             decision = f"fallback-{effective}"
-            acc = host_accuracy(profile, out, effective, Xval, yval)
             note = "" if effective == profile.fallback else f" (fallback {profile.fallback} is not available for {profile.runtime}; fp32 written)"
-            attempts.append({"attempt": f"fallback {effective}{note}", "accuracy": acc, "drop": round(base - acc, 6),
-                             "within_budget": base - acc <= max_accuracy_drop + 1e-12})
-            log(f"  int8 over the accuracy budget after {len(attempts) - 1} attempts; falling back to {effective} as the profile says"
-                f" (accuracy {acc:.4f}){note}")
+            rec = {"attempt": f"fallback {effective}{note}"}
+            _measure(rec, host_logits(profile, out, effective, Xval), yval, ref_pred, base)
+            rec["within_budget"] = _within(rec, limits)
+            attempts.append(rec)
+            log(f"  int8 over the accuracy budget ({', '.join(limits)}) after {len(attempts) - 1} attempts; falling back to {effective}"
+                f" as the profile says ({_shown(rec, limits)}){note}")
     if decision != f"fallback-{effective}":
         adir = out / f".attempt-{chosen}"
         for f in rt.artifact_files(profile):
@@ -170,16 +225,17 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
         shutil.rmtree(d, ignore_errors=True)
 
     final = attempts[chosen] if decision != f"fallback-{effective}" else attempts[-1]
-    meta = {k: v for k, v in final.items() if k not in ("attempt", "accuracy", "drop", "within_budget", "error")}
+    meta = {k: v for k, v in final.items() if k not in ("attempt", "accuracy", "drop", "agreement", "within_budget", "error")}
     meta.update({
         "requested_precision": "int8",
         "effective_precision": effective,
         "decision": decision,
         "chosen": final["attempt"],
         "accuracy": final.get("accuracy"),
+        "agreement": final.get("agreement"),
         "fp32_accuracy": fp32_acc,
-        "guard": {"max_accuracy_drop": max_accuracy_drop, "baseline_accuracy": base, "measured_on": "host CPU, validation set"}
-                 if guard else {"status": "not run", "reason": why_not or "no max_accuracy_drop budget"},
+        "guard": {**limits, "max_accuracy_drop": limits.get("max_accuracy_drop"), "baseline_accuracy": base, "measured_on": "host CPU, validation set"}
+                 if guard else {"status": "not run", "reason": why_not or "no max_accuracy_drop or min_agreement budget"},
         "attempts": attempts,
         "fallback": profile.fallback,
     })
@@ -191,5 +247,14 @@ def guard_gate_rows(target: str, meta: dict) -> list[dict]:
     if meta.get("decision") != "fail":
         return []
     g = meta.get("guard", {})
-    return [{"target": target, "budget": "int8 accuracy guard (max_accuracy_drop, fallback: fail)", "limit": g.get("max_accuracy_drop"),
-             "measured": round(g.get("baseline_accuracy", 0) - (meta.get("accuracy") or 0), 4), "verdict": "FAIL"}]
+    rows = []
+    if g.get("max_accuracy_drop") is not None:
+        rows.append({"target": target, "budget": "int8 accuracy guard (max_accuracy_drop, fallback: fail)", "limit": g.get("max_accuracy_drop"),
+                     "measured": round(g.get("baseline_accuracy", 0) - (meta.get("accuracy") or 0), 4),
+                     "verdict": "FAIL" if g.get("baseline_accuracy", 0) - (meta.get("accuracy") or 0) > g["max_accuracy_drop"] + 1e-12 else "pass"})
+    if g.get("min_agreement") is not None:
+        agreement = meta.get("agreement")
+        rows.append({"target": target, "budget": "int8 accuracy guard (min_agreement, fallback: fail)", "limit": g["min_agreement"],
+                     "measured": round(agreement, 4) if agreement is not None else None,
+                     "verdict": "FAIL" if agreement is None or agreement < g["min_agreement"] - 1e-12 else "pass"})
+    return rows
