@@ -163,7 +163,7 @@ def build(config, targets, out, force, as_json, targets_dir, cache_dir, reproduc
     from .progress import Progress
 
     t0 = time.perf_counter()
-    if not config.exists():
+    if not os.path.lexists(config):  # a broken link or a loop is named as such by load_build_config
         from .errors import ConfigError
 
         where = "this folder" if config == Path("edgebuild.yaml") else str(config.parent)

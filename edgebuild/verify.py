@@ -7,7 +7,6 @@ links, devices or other special types are refused before any content is trusted.
 from __future__ import annotations
 
 import hashlib
-import json
 import lzma
 import os
 import subprocess

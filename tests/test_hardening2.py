@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images, make_tiny_project, write_config
+from conftest import make_tiny_project, write_config
 from test_hardening import bad, edit, snapshot
 
 from edgebuild.locks import FileLock
@@ -474,3 +474,35 @@ def test_the_old_layout_is_adopted_without_a_gap(project, cli):
     assert (dist / "tiny-x86-onnxruntime-fp32").is_symlink() and (dist / "report.json").is_symlink()
     assert (dist / "notes.txt").read_text() == "the user's\n" and not (dist / "notes.txt").is_symlink()
     assert cli("verify", dist / "tiny-x86-onnxruntime-fp32")[0] == 0
+
+
+# ============================================================================== the guard acts on min_agreement
+def test_guard_acts_on_min_agreement_alone(tmp_path):
+    """No accuracy-drop budget, only min_agreement: plain int8 agrees with the reference on
+    about a third of the inputs, so the guard tries the remedy, which agrees on all of them."""
+    import torch
+
+    from edgebuild.profiles import ProfileRegistry
+    from edgebuild.stages import export as export_stage
+    from edgebuild.stages import quantize as quantize_stage
+    from test_guard import data, model, onnx_accuracy
+
+    prof = ProfileRegistry([]).get("x86-onnxruntime-int8")
+    edir, out = tmp_path / "export", tmp_path / "quant"
+    edir.mkdir()
+    out.mkdir()
+    export_stage.run(model(), torch.zeros(1, 1, 8, 8), prof, edir)
+    X, y = data()
+    ref = np.eye(3, dtype=np.float32)[y] * 6.4  # the float model's logits, by hand: it is exact
+    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, min_agreement=0.99, ref_logits=ref)
+    plain, remedy = meta["attempts"]
+    assert plain["agreement"] < 0.6 and plain["within_budget"] is False
+    assert remedy["agreement"] == 1.0 and remedy["within_budget"] is True
+    assert meta["decision"] == "int8" and meta["guard"]["min_agreement"] == 0.99 and meta["agreement"] == 1.0
+    assert onnx_accuracy(out / "model.onnx", X, y) == 1.0  # the shipped file is the remedy's
+    # unreachable with fallback 'fail': a failed gate names min_agreement
+    out2 = tmp_path / "quant2"
+    out2.mkdir()
+    meta = quantize_stage.run(prof.model_copy(update={"fallback": "fail"}), edir, out2, X, Xval=X, yval=y, min_agreement=1.01, ref_logits=ref)
+    rows = quantize_stage.guard_gate_rows("t", meta)
+    assert meta["decision"] == "fail" and [r["budget"] for r in rows if r["verdict"] == "FAIL"] == ["int8 accuracy guard (min_agreement, fallback: fail)"]

@@ -373,3 +373,111 @@ def test_any_bundle_folder_gives_bundle_error_or_result(entries, manifest):
         except BundleError as e:
             one_line(e)
         assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------ (c) the YAML loader itself
+YAML_KEYS = ["a", "b", "'a'", '"b"', "1", "'1'", "1.0", "true", "~", "transfer"]
+GOOD_VALUES = {"1": 1, "x": "x", "2024-01-01": __import__("datetime").date(2024, 1, 1), "!!float 1.5": 1.5, "!!str 12": "12",
+               "[1, 2]": [1, 2], "{c: 1}": {"c": 1}, "!!binary AAAA": b"\0\0\0", "null": None}
+BAD_VALUES = ["2024-13-01", "2024-02-30", "!!int x", "!!float fast", "!!bool maybe", "!!timestamp never", "{c: 1, c: 2}",
+              "9" * 5000, "!!python/object/apply:os.system ['true']"]
+
+
+@PROPS
+@given(st.lists(st.tuples(st.sampled_from(YAML_KEYS), st.sampled_from(sorted(GOOD_VALUES) + BAD_VALUES)), min_size=1, max_size=6))
+def test_yaml_loader_refuses_duplicate_keys_and_bad_values_with_their_line(pairs):
+    """Each line 'KEY: VALUE': the loader gives exactly yaml.safe_load's mapping when keys are
+    distinct and every value builds; otherwise a ConfigError naming the file and a line."""
+    from edgebuild.loaders import parse_yaml
+
+    text = "".join(f"{k}: {v}\n" for k, v in pairs)
+    keys = [next(iter(yaml.safe_load(f"{k}: 0"))) for k, _ in pairs]
+    duplicate = len(set(keys)) < len(keys)  # as a dict sees them: 1 and 1.0 are one key
+    bad = any(v in BAD_VALUES for _, v in pairs)
+    try:
+        data = parse_yaml(text, Path("x.yaml"), "build file")
+    except ConfigError as e:
+        one_line(e)
+        assert duplicate or bad, (text, e.message)
+        assert e.message.startswith("x.yaml:")
+        if not e.message.startswith("x.yaml: the YAML"):
+            assert "line " in e.message, e.message
+        if duplicate and not bad:
+            assert "duplicate key" in e.message
+    else:
+        assert not duplicate and not bad, text
+        assert data == {k: GOOD_VALUES[v] for k, (_, v) in zip(keys, pairs)}
+
+
+@PROPS
+@given(st.sampled_from(["!!int", "!!float", "!!bool", "!!timestamp", "!!binary", "!!str", "!!null", "!!map", "!!seq", "!!set",
+                        "!!omap", "!!pairs", "!!merge", "!!value", "!foo", "!!python/name:os.system", ""]),
+       st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20))
+def test_yaml_loader_any_tagged_scalar_is_a_value_or_a_config_error(tag, value):
+    from edgebuild.loaders import parse_yaml
+
+    text = f"key: {tag} {json.dumps(value)}\n"
+    try:
+        parse_yaml(text, Path("x.yaml"), "build file")
+    except ConfigError as e:
+        one_line(e)
+
+
+# ------------------------------------------------------------------------------ (d) the manifest reader
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=10)),
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=6), kids, max_size=3)), max_leaves=8)
+
+
+@st.composite
+def manifest_texts(draw):
+    """manifest.json text: a fitting manifest, damaged in one of the ways a hand or a tool could."""
+    files = {"model.onnx": hashlib.sha256(b"m").hexdigest()}
+    body = {"schema": "edgebuild.bundle/1", "files": files, "x": draw(json_values)}
+    text = json.dumps(body)
+    damage = draw(st.sampled_from(["none", "duplicate-files", "duplicate-schema", "huge-int", "nan", "deep", "truncate", "bom", "random"]))
+    if damage == "duplicate-files":  # a second 'files' that another reader (first wins) would believe
+        text = text[:-1] + ', "files": {}}'
+    elif damage == "duplicate-schema":
+        text = text[:-1] + ', "schema": "edgebuild.bundle/1"}'
+    elif damage == "huge-int":
+        text = text[:-1] + ', "n": ' + "7" * draw(st.integers(4400, 6000)) + "}"
+    elif damage == "nan":
+        text = text[:-1] + ', "n": ' + draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])) + "}"
+    elif damage == "deep":
+        text = text[:-1] + ', "n": ' + "[" * draw(st.integers(1, 50000)) + "}"
+    elif damage == "truncate":
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    elif damage == "bom":
+        text = "\ufeff" + text
+    elif damage == "random":
+        text = draw(st.text(max_size=60))
+    return damage, text
+
+
+@PROPS
+@given(manifest_texts())
+def test_manifest_reader_gives_bundle_error_or_result(case):
+    """Any manifest.json text in an otherwise fitting bundle folder (and archive): only a
+    BundleError or a result; duplicate keys are refused, never resolved silently."""
+    damage, text = case
+    with sandbox() as (root, work):
+        b = root / "demo-t"
+        b.mkdir()
+        (b / "model.onnx").write_bytes(b"m")
+        (b / "manifest.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+        from edgebuild.stages.bundle import make_archive
+
+        make_archive(b, root / "demo-t.tar.gz", "demo-t")
+        before = snapshot(root)
+        for target in (b, root / "demo-t.tar.gz"):
+            try:
+                verify_bundle(target)
+            except BundleError as e:
+                one_line(e)
+                if damage.startswith("duplicate"):
+                    assert "duplicate key" in e.message
+            else:
+                assert damage in ("none",), damage
+        assert snapshot(root) == before

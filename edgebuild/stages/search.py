@@ -230,10 +230,10 @@ def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.
 
 
 def _write(path: Path, report: dict) -> None:
+    from ..publish import write_atomic  # a unique temporary name: two builds never share one
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".search.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(report, indent=2, default=str))
 
 
 def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_acc, data, example, hold, recal, calib, recover, t_end) -> dict:
