@@ -31,8 +31,10 @@ def test_impossible_latency_budget_exits_3_with_table_and_keeps_previous_dist(ti
     assert "Traceback" not in err
     assert (tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_bytes() == old
     assert not [p for p in (tiny_project / "dist").iterdir() if p.name.startswith(".staging")]
-    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    report = json.loads((tiny_project / "dist" / "failed-report.json").read_text())
     assert report["status"] == "failed"
+    assert json.loads((tiny_project / "dist" / "report.json").read_text())["status"] == "ok"  # the published build's, untouched
+    assert "this build's report: " in err and "failed-report.html" in err
 
 
 def test_user_profile_beside_build_file_overrides_builtin(tiny_project, cli):

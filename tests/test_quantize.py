@@ -120,5 +120,6 @@ def test_pipeline_fallback_fail_exits_3(tiny_project, monkeypatch, cli):
     assert code == 3
     assert "int8 accuracy guard" in out + err
     assert not (tiny_project / "dist" / "tiny-strict-int8").exists()
-    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    report = json.loads((tiny_project / "dist" / "failed-report.json").read_text())  # beside dist/, never over the published one
     assert report["status"] == "failed"
+    assert not (tiny_project / "dist" / "report.json").exists()  # nothing was ever published there
