@@ -233,8 +233,9 @@ class Cache:
                 raise
             except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(e, Exception) and not isinstance(e, EdgebuildError) and _disk_full(stage_dir):
-                    # a library wrapped the write error (torch: "PytorchStreamWriter failed writing file")
+                if isinstance(e, Exception) and not isinstance(e, EdgebuildError) and (_full_in(e) or _disk_full(stage_dir)):
+                    # a library wrapped the write error (torch: "PytorchStreamWriter failed writing file",
+                    # safetensors: "I/O error: File too large (os error 27)")
                     raise CacheError(f"cache folder {self.root}: the disk is full while writing a {stage} entry ({type(e).__name__})",
                                      hint="free space, or pass --cache-dir on another disk (edgebuild cache clear empties this one)") from e
                 raise
@@ -268,6 +269,26 @@ class Cache:
             if stage_dir.is_dir() and not stage_dir.is_symlink():
                 shutil.rmtree(stage_dir, ignore_errors=True)
         return n
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _full_in(e: BaseException) -> bool:
+    """A disk-full error somewhere in ``e``'s chain, or named in a library's message."""
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        text = str(e)
+        m = re.search(r"(?:os error|errno)\s*(\d+)", text, re.I)
+        if (m and int(m.group(1)) in _FULL) or any(os.strerror(n) in text for n in _FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
