@@ -84,7 +84,9 @@ def sweep_stale(folder: Path, prefix: str) -> None:
 
 MARKER = "edgebuild-cache.json"
 CACHEDIR_TAG = "CACHEDIR.TAG"  # the standard tag: backup tools skip the folder
-STAGES = ("transfer", "prune", "export", "quantize", "validate", "bundle")
+# what an edgebuild cache holds at its top: stage folders, the decoded-data store, the
+# emulation root and compiled extensions (a cache from before the marker is recognised by them)
+STAGES = ("transfer", "prune", "distill", "search", "export", "quantize", "validate", "bundle", "data", "emulation", "torch_extensions")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 

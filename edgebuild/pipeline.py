@@ -175,6 +175,7 @@ class Build:
                            "samples": cfg.compress.quantize.calibration_samples, "seed": cfg.seed, "fallback": prof.fallback,
                            "max_accuracy_drop": validate_stage.merged_budgets(prof, cfg.budgets).get("max_accuracy_drop"),
                            "min_agreement": validate_stage.merged_budgets(prof, cfg.budgets).get("min_agreement"),
+                           "min_accuracy": validate_stage.merged_budgets(prof, cfg.budgets).get("min_accuracy"),
                            "guard_baseline": transfer.key}
                 qinputs = {"model": export.key, "data": data.fingerprint, "tool": rt.versions()}
                 qat_mod.key_step(qparams, qinputs, cfg, prof, model_step.key)
@@ -252,7 +253,7 @@ class Build:
             self.cache = Cache(self.cache.root, enabled=False)
         else:
             publish_mod.check_output(self.out)  # before any training, not after it
-            self.cache.check_identity()  # a folder that is not an edgebuild cache is refused before training
+            self.cache.check_identity(create=True)  # a folder that is not an edgebuild cache is refused before training
             if self.out.is_dir():
                 self._lock_output()
         steps = self.plan()

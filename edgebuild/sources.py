@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from .data import IMAGE_EXTENSIONS, ImageFolder, _check_label, _check_lookalikes, _check_regular, check_same_classes, scan_folder
 from .errors import DataError
+from .loaders import loads_json
 
 LIST_SUFFIXES = (".csv", ".jsonl")
 
@@ -73,8 +73,8 @@ def _rows(path: Path):
                     if not raw.strip():
                         continue
                     try:
-                        obj = json.loads(raw)
-                    except ValueError as e:
+                        obj = loads_json(raw)  # duplicate keys, NaN and oversized integers refused
+                    except (ValueError, RecursionError) as e:
                         raise DataError(f"{path}:{line}: not a JSON object ({e})", hint=text_hint) from None
                     if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not isinstance(obj.get("label"), (str, int)) \
                             or isinstance(obj.get("label"), bool):
@@ -82,6 +82,8 @@ def _rows(path: Path):
                     yield line, obj["path"].strip(), str(obj["label"]).strip()
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})", hint="save the list as UTF-8") from None
+        except csv.Error as e:  # a NUL byte, a field over the size limit, a broken quote
+            raise DataError(f"{path}:{reader.line_num}: not a readable CSV row ({e})", hint=text_hint) from None
 
 
 def read_list(path: Path, what: str) -> ImageFolder:

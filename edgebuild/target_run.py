@@ -55,6 +55,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
             qat = qat_mod.job(qstep.params.get("qat"), lambda: b._torch_model(mstep, mdir), example, data, b.cache.root, b.progress)
             meta = quantize_stage.run(prof, edir, out, calib, Xval=data.Xval, yval=data.yval, baseline_accuracy=fp32_acc,
                                       max_accuracy_drop=qstep.params["max_accuracy_drop"], min_agreement=qstep.params.get("min_agreement"),
+                                      min_accuracy=qstep.params.get("min_accuracy"),
                                       ref_logits=mref, log=b.progress.log, qat=qat)
             (out / "quantize.json").write_text(json.dumps(meta))
         artifact = b._stage(qstep, do_quant)

@@ -476,10 +476,12 @@ def test_the_old_layout_is_adopted_without_a_gap(project, cli):
     assert cli("verify", dist / "tiny-x86-onnxruntime-fp32")[0] == 0
 
 
-# ============================================================================== the guard acts on min_agreement
-def test_guard_acts_on_min_agreement_alone(tmp_path):
-    """No accuracy-drop budget, only min_agreement: plain int8 agrees with the reference on
-    about a third of the inputs, so the guard tries the remedy, which agrees on all of them."""
+# ============================================================================== the guard acts on every accuracy-type gate
+@pytest.mark.parametrize("gate", ["min_agreement", "min_accuracy"])
+def test_guard_acts_on_every_accuracy_gate(tmp_path, gate):
+    """No accuracy-drop budget, only min_agreement (or min_accuracy): plain int8 agrees with the
+    reference (and the labels) on about a third of the inputs, so the guard tries the remedy,
+    which gets all of them."""
     import torch
 
     from edgebuild.profiles import ProfileRegistry
@@ -494,15 +496,50 @@ def test_guard_acts_on_min_agreement_alone(tmp_path):
     export_stage.run(model(), torch.zeros(1, 1, 8, 8), prof, edir)
     X, y = data()
     ref = np.eye(3, dtype=np.float32)[y] * 6.4  # the float model's logits, by hand: it is exact
-    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, min_agreement=0.99, ref_logits=ref)
+    measured = "agreement" if gate == "min_agreement" else "accuracy"
+    meta = quantize_stage.run(prof, edir, out, X, Xval=X, yval=y, ref_logits=ref, **{gate: 0.99})
     plain, remedy = meta["attempts"]
-    assert plain["agreement"] < 0.6 and plain["within_budget"] is False
-    assert remedy["agreement"] == 1.0 and remedy["within_budget"] is True
-    assert meta["decision"] == "int8" and meta["guard"]["min_agreement"] == 0.99 and meta["agreement"] == 1.0
+    assert plain[measured] < 0.6 and plain["within_budget"] is False
+    assert remedy[measured] == 1.0 and remedy["within_budget"] is True
+    assert meta["decision"] == "int8" and meta["guard"][gate] == 0.99 and meta[measured] == 1.0
     assert onnx_accuracy(out / "model.onnx", X, y) == 1.0  # the shipped file is the remedy's
-    # unreachable with fallback 'fail': a failed gate names min_agreement
+    # unreachable with fallback 'fail': a failed gate names it
     out2 = tmp_path / "quant2"
     out2.mkdir()
-    meta = quantize_stage.run(prof.model_copy(update={"fallback": "fail"}), edir, out2, X, Xval=X, yval=y, min_agreement=1.01, ref_logits=ref)
+    meta = quantize_stage.run(prof.model_copy(update={"fallback": "fail"}), edir, out2, X, Xval=X, yval=y, ref_logits=ref, **{gate: 1.01})
     rows = quantize_stage.guard_gate_rows("t", meta)
-    assert meta["decision"] == "fail" and [r["budget"] for r in rows if r["verdict"] == "FAIL"] == ["int8 accuracy guard (min_agreement, fallback: fail)"]
+    assert meta["decision"] == "fail" and [r["budget"] for r in rows if r["verdict"] == "FAIL"] == [f"int8 accuracy guard ({gate}, fallback: fail)"]
+
+
+# ============================================================================== list files (.csv, .jsonl)
+LIST_CASES = {
+    # id: (list file name, text after a good first row, words the error line holds)
+    "jsonl-duplicate-label": ("train.jsonl", '{"path": "imgs/b/img000.png", "label": "b", "label": "a"}\n', ["train.jsonl:2", "duplicate key 'label'"]),
+    "jsonl-duplicate-path": ("train.jsonl", '{"path": "imgs/b/img000.png", "label": "b", "path": "imgs/a/img001.png"}\n', ["train.jsonl:2", "duplicate key 'path'"]),
+    "jsonl-nan": ("train.jsonl", '{"path": "imgs/b/img000.png", "label": NaN}\n', ["train.jsonl:2", "NaN"]),
+    "jsonl-huge-int": ("train.jsonl", '{"path": "imgs/b/img000.png", "label": ' + "7" * 5000 + "}\n", ["train.jsonl:2"]),
+    "jsonl-deep": ("train.jsonl", "[" * 100000 + "\n", ["train.jsonl:2"]),
+    "jsonl-line-separator-label": ("train.jsonl", '{"path": "imgs/b/img000.png", "label": "b\\u2028c"}\n', ["train.jsonl:2", "label"]),
+    "csv-nul": ("train.csv", "imgs/b/img000.png,b\x00\n", ["train.csv:3", "label"]),
+    "csv-huge-field": ("train.csv", "imgs/b/img000.png,\"" + "b" * 200000 + "\"\n", ["train.csv:", "not a readable CSV row"]),
+    "csv-next-line-label": ("train.csv", "imgs/b/img000.png,b\x85c\n", ["train.csv:3", "label"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIST_CASES))
+def test_hostile_list_files(project, cli, case):
+    name, rest, needles = LIST_CASES[case]
+    lst = project / "data" / name
+    (project / "data" / "imgs").mkdir()
+    for c in ("a", "b"):
+        shutil.copytree(project / "data" / "train" / c, project / "data" / "imgs" / c)
+    first = '{"path": "imgs/a/img000.png", "label": "a"}\n' if name.endswith(".jsonl") else "path,label\nimgs/a/img000.png,a\n"
+    lst.write_bytes((first + rest).encode("utf-8", "surrogatepass"))
+    edit(project / "edgebuild.yaml", "train: data/train", f"train: data/{name}")
+    bad(cli("build", project / "edgebuild.yaml"), *needles)
+
+
+def test_fifo_as_a_list_file_does_not_hang(project):
+    os.mkfifo(project / "data" / "train.csv")
+    edit(project / "edgebuild.yaml", "train: data/train", "train: data/train.csv")
+    sub(run(["build", project / "edgebuild.yaml"], timeout=120), "train.csv", "fifo")

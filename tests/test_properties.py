@@ -481,3 +481,44 @@ def test_manifest_reader_gives_bundle_error_or_result(case):
             else:
                 assert damage in ("none",), damage
         assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------ (e) list files
+list_lines = st.one_of(
+    st.builds(lambda p, l: json.dumps({"path": p, "label": l}), st.sampled_from(["imgs/a.png", "imgs/b.png", "nope.png", "../x.png", "", "imgs"]),
+              st.one_of(st.text(max_size=8), st.integers(), st.booleans(), st.none())),
+    st.sampled_from(['{"path": "imgs/a.png", "label": "a", "label": "b"}', '{"path": "imgs/a.png", "label": NaN}',
+                     '{"path": "imgs/a.png", "label": ' + "9" * 5000 + "}", "[" * 3000, "{}", "[]", "null", '"x"']),
+    st.text(max_size=40))
+
+
+@PROPS
+@given(st.sampled_from([".jsonl", ".csv"]), st.lists(list_lines, max_size=6), st.booleans())
+def test_any_list_file_gives_data_error_or_a_split(suffix, lines, header):
+    """Any .jsonl or .csv list (rows of JSON or text, hostile labels, duplicate keys, NaN,
+    huge numbers, deep nesting) gives a DataError naming the file, or a split whose labels are
+    single lines; nothing is written."""
+    from PIL import Image
+
+    from edgebuild.errors import DataError
+    from edgebuild.sources import read_list
+
+    with sandbox() as (root, work):
+        (root / "imgs").mkdir()
+        for n in ("a", "b"):
+            Image.new("L", (4, 4), 10).save(root / "imgs" / f"{n}.png")
+        lst = root / f"train{suffix}"
+        if suffix == ".csv":
+            text = ("path,label\n" if header else "") + "".join(r + "\n" for r in lines)
+        else:
+            text = "".join(r + "\n" for r in lines)
+        lst.write_text(text, encoding="utf-8", errors="surrogatepass")
+        before = snapshot(root)
+        try:
+            split = read_list(lst, "train")
+        except DataError as e:
+            one_line(e)
+            assert str(lst) in e.message
+        else:
+            assert all(len(("a" + c + "a").splitlines()) == 1 for c in split.classes)
+        assert snapshot(root) == before

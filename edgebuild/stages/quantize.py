@@ -62,7 +62,7 @@ def host_accuracy(profile: TargetProfile, artifact: Path, precision: str, X: np.
 
 # the accuracy-type gates the guard can improve: how each is measured on an attempt, and how
 # an attempt's record is judged against its limit
-GUARDED = ("max_accuracy_drop", "min_agreement")
+GUARDED = ("max_accuracy_drop", "min_accuracy", "min_agreement")
 
 
 def _measure(rec: dict, logits: np.ndarray, y: np.ndarray, ref_pred: np.ndarray | None, base: float) -> None:
@@ -79,6 +79,8 @@ def _within(rec: dict, limits: dict) -> bool:
     ok = True
     if "max_accuracy_drop" in limits:
         ok &= rec["drop"] <= limits["max_accuracy_drop"] + 1e-12
+    if "min_accuracy" in limits:
+        ok &= rec["accuracy"] >= limits["min_accuracy"] - 1e-12
     if "min_agreement" in limits:
         ok &= rec.get("agreement", 0.0) >= limits["min_agreement"] - 1e-12
     return bool(ok)
@@ -87,7 +89,8 @@ def _within(rec: dict, limits: dict) -> bool:
 def _shown(rec: dict, limits: dict) -> str:
     if "accuracy" not in rec:
         return f"failed: {rec.get('error')}"
-    parts = [f"accuracy {rec['accuracy']:.4f} (drop {rec['drop']:+.4f}" + (f", budget {limits['max_accuracy_drop']})" if "max_accuracy_drop" in limits else ")")]
+    parts = [f"accuracy {rec['accuracy']:.4f} (drop {rec['drop']:+.4f}" + (f", budget {limits['max_accuracy_drop']}" if "max_accuracy_drop" in limits else "")
+             + (f", min {limits['min_accuracy']})" if "min_accuracy" in limits else ")")]
     if "agreement" in rec:
         parts.append(f"agreement {rec['agreement']:.4f}" + (f" (min {limits['min_agreement']})" if "min_agreement" in limits else ""))
     return ", ".join(parts)
@@ -120,9 +123,9 @@ class _Batches:
 
 def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval: np.ndarray | None = None, yval: np.ndarray | None = None,
         baseline_accuracy: float | None = None, max_accuracy_drop: float | None = None, min_agreement: float | None = None,
-        ref_logits: np.ndarray | None = None, log=None, qat=None) -> dict:
+        min_accuracy: float | None = None, ref_logits: np.ndarray | None = None, log=None, qat=None) -> dict:
     """Quantize ``src`` (the export entry) into ``out``; with an accuracy-type budget
-    (max_accuracy_drop, min_agreement), guard it: remedies in order, then the fallback.
+    (max_accuracy_drop, min_accuracy, min_agreement), guard it: remedies in order, then the fallback.
 
     ``baseline_accuracy`` is what the build's accuracy budget is measured against (the
     transferred fp32 model); ``ref_logits`` are the reference model's outputs that top-1
@@ -142,7 +145,8 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
     base = baseline_accuracy if baseline_accuracy is not None else fp32_acc
     ref_pred = np.asarray(ref_logits).argmax(1) if ref_logits is not None and len(ref_logits) else \
         (fp32_logits.argmax(1) if fp32_logits is not None else None)
-    limits = {k: v for k, v in (("max_accuracy_drop", max_accuracy_drop), ("min_agreement", min_agreement)) if v is not None}
+    limits = {k: v for k, v in (("max_accuracy_drop", max_accuracy_drop), ("min_accuracy", min_accuracy), ("min_agreement", min_agreement))
+              if v is not None}
     if base is None:
         limits.pop("max_accuracy_drop", None)
     guard = bool(limits) and not why_not
@@ -157,6 +161,9 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
             labels = yval
             own_drop = max(0.0, (base or 0.0) - (fp32_acc or 0.0))
             max_drop = max(0.0, limits["max_accuracy_drop"] - own_drop)
+        elif "min_accuracy" in limits:
+            labels = yval
+            max_drop = max(0.0, (fp32_acc or 0.0) - limits["min_accuracy"])
         else:
             labels = ref_pred
             own = float((fp32_logits.argmax(1) == ref_pred).mean())
@@ -235,7 +242,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
         "agreement": final.get("agreement"),
         "fp32_accuracy": fp32_acc,
         "guard": {**limits, "max_accuracy_drop": limits.get("max_accuracy_drop"), "baseline_accuracy": base, "measured_on": "host CPU, validation set"}
-                 if guard else {"status": "not run", "reason": why_not or "no max_accuracy_drop or min_agreement budget"},
+                 if guard else {"status": "not run", "reason": why_not or "no max_accuracy_drop, min_accuracy or min_agreement budget"},
         "attempts": attempts,
         "fallback": profile.fallback,
     })
@@ -252,6 +259,11 @@ def guard_gate_rows(target: str, meta: dict) -> list[dict]:
         rows.append({"target": target, "budget": "int8 accuracy guard (max_accuracy_drop, fallback: fail)", "limit": g.get("max_accuracy_drop"),
                      "measured": round(g.get("baseline_accuracy", 0) - (meta.get("accuracy") or 0), 4),
                      "verdict": "FAIL" if g.get("baseline_accuracy", 0) - (meta.get("accuracy") or 0) > g["max_accuracy_drop"] + 1e-12 else "pass"})
+    if g.get("min_accuracy") is not None:
+        acc = meta.get("accuracy")
+        rows.append({"target": target, "budget": "int8 accuracy guard (min_accuracy, fallback: fail)", "limit": g["min_accuracy"],
+                     "measured": round(acc, 4) if acc is not None else None,
+                     "verdict": "FAIL" if acc is None or acc < g["min_accuracy"] - 1e-12 else "pass"})
     if g.get("min_agreement") is not None:
         agreement = meta.get("agreement")
         rows.append({"target": target, "budget": "int8 accuracy guard (min_agreement, fallback: fail)", "limit": g["min_agreement"],
