@@ -86,6 +86,7 @@ MARKER = "edgebuild-cache.json"
 CACHEDIR_TAG = "CACHEDIR.TAG"  # the standard tag: backup tools skip the folder
 # what an edgebuild cache holds at its top: stage folders, the decoded-data store, the
 # emulation root and compiled extensions (a cache from before the marker is recognised by them)
+FILES = ("host-devices.json", CACHEDIR_TAG)  # the devices found on this host, per boot (profiles.unavailable_reason_memo)
 STAGES = ("transfer", "prune", "distill", "search", "export", "quantize", "validate", "bundle", "data", "emulation", "torch_extensions")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -121,7 +122,8 @@ class Cache:
             names = [p for p in self.root.iterdir()]
         except OSError:
             return False
-        return bool(names) and all(p.name in STAGES and p.is_dir() and not p.is_symlink() for p in names)
+        return bool(names) and all((p.name in STAGES and p.is_dir() and not p.is_symlink()) or (p.name in FILES and is_regular(p))
+                                   for p in names)
 
     def check_identity(self, create: bool = False) -> None:
         """Refuse a folder that is not an edgebuild cache; ``create``: mark a new or empty one."""
