@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .lazy import torch, nn
 
 from .errors import ModelError, WeightsError, did_you_mean
+from .files import check_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,8 +52,7 @@ def _python_provider(ref: str, root: Path, pretrained: bool | None = None) -> Ca
     if target.endswith(".py"):
         path = Path(target)
         path = path if path.is_absolute() else root / path
-        if not path.is_file():
-            raise ModelError(f"backbone file not found: {path}", hint="paths in 'backbone.source' resolve against the build file's folder")
+        check_path(path, "backbone file", ModelError, hint="paths in 'backbone.source' resolve against the build file's folder")
         # a name from the file's content, not its path: the same project in another folder gives
         # the same module (and class) names wherever they are recorded
         mod_name = "edgebuild_user_" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -205,12 +205,8 @@ def pretrained_file(source: str, root: Path, pretrained: bool | None) -> Path | 
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        if path.is_symlink():
-            raise WeightsError(f"weights file is a broken symbolic link: {path}", hint="restore the file it points to or fix 'backbone.weights'")
-        raise WeightsError(f"weights file not found: {path}", hint="fix 'backbone.weights' (relative paths resolve against the build file)")
-    if not path.is_file():  # a folder, or a fifo that would block the build forever
-        raise WeightsError(f"weights path is not a regular file: {path}", hint="point 'backbone.weights' at a .safetensors or state-dict .pt file")
+    # a folder, a fifo (would block the build forever), a device, a broken link: refused unopened
+    check_path(path, "weights file", WeightsError, hint="fix 'backbone.weights' (relative paths resolve against the build file): a .safetensors or state-dict .pt file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError

@@ -100,6 +100,16 @@ def ensure_root(cache_root: Path, progress=None, log=print) -> tuple[Path, dict]
     ready = root / ".edgebuild-ready.json"
     if ready.is_file():
         return root, json.loads(ready.read_text())
+    from .locks import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.with_name(root.name + ".lock"), f"the emulation root {root}", log=log):  # one build makes it, others wait
+        if ready.is_file():
+            return root, json.loads(ready.read_text())
+        return _make_root(root, ready, progress, log)
+
+
+def _make_root(root: Path, ready: Path, progress, log) -> tuple[Path, dict]:
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -93,6 +93,12 @@ def test_fifo_as_the_build_file_does_not_hang(tmp_path):
     sub(run(["build", tmp_path / "edgebuild.yaml"], timeout=120), "not a regular file (a fifo)", "edgebuild.yaml")
 
 
+def test_fifo_as_the_backbone_file_does_not_hang(project):
+    (project / "backbone.py").unlink()
+    os.mkfifo(project / "backbone.py")  # importing it would block forever
+    sub(run(["build", project / "edgebuild.yaml"], timeout=120), "backbone file is not a regular file (a fifo)")
+
+
 def test_fifo_as_a_profile_does_not_hang(project):
     (project / "targets").mkdir()
     os.mkfifo(project / "targets" / "mine.yaml")
