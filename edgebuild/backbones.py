@@ -90,6 +90,8 @@ def _hf_provider(ref: str, root: Path, pretrained: bool | None) -> Callable[[], 
         import transformers
     except ImportError:
         raise ModelError("hf: backbones need the 'transformers' package", hint="pip install 'edgebuild[hf]'") from None
+    # a build loads the model once per stage that runs: no "Loading weights" bar each time
+    transformers.utils.logging.disable_progress_bar()
     local = Path(ref) if Path(ref).is_absolute() else root / ref
     source = str(local) if local.is_dir() else ref
 

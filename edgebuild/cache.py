@@ -255,8 +255,24 @@ class Cache:
                     mtime = (d / ENTRY).stat().st_mtime
                 except OSError:
                     mtime = d.stat().st_mtime
-                out.append({"stage": stage_dir.name, "key": d.name, "bytes": size, "last_used": mtime})
+                try:
+                    desc = json.loads((d / ENTRY).read_text()).get("describe") or {}
+                except (OSError, ValueError):
+                    desc = {}
+                out.append({"stage": stage_dir.name, "key": d.name, "bytes": size, "last_used": mtime,
+                            "build": desc.get("name"), "target": desc.get("target")})
         return out
+
+    def prune(self, older_than: float) -> tuple[int, int]:
+        """Remove entries last used (built or read) more than ``older_than`` seconds ago;
+        returns (entries removed, bytes freed)."""
+        cutoff = time.time() - older_than
+        n = freed = 0
+        for e in self.entries():
+            if e["last_used"] < cutoff:
+                shutil.rmtree(self.path(e["stage"], e["key"]), ignore_errors=True)
+                n, freed = n + 1, freed + e["bytes"]
+        return n, freed
 
     def clear(self) -> int:
         """Remove every entry of this cache; a folder that is not an edgebuild cache is refused."""

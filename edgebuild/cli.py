@@ -30,9 +30,17 @@ def _fail(err: EdgebuildError, verbose: bool) -> int:
     click.echo(f"error: {err.message}", err=True)
     if err.hint:
         click.echo(f"hint: {err.hint}", err=True)
+    _json_error(err.message, err.hint, err.exit_code, printed=isinstance(err, GateFailed))
     if verbose:
         traceback.print_exception(err)
     return err.exit_code
+
+
+def _json_error(message: str, hint: str | None, code: int, printed: bool = False) -> None:
+    """With --json, the error goes to stdout as JSON too (a script reads one document either
+    way); a failed gate has printed report.json already."""
+    if "--json" in _ARGV and not printed:
+        click.echo(json.dumps({"status": "error", "error": message, "hint": hint, "exit_code": code}, indent=2))
 
 
 import errno as _errno
@@ -342,34 +350,9 @@ def validate(bundle, as_json, emulate, cache_dir):
         sys.exit(3)
 
 
-@cli.group()
-def cache():
-    """The stage cache."""
+from .cli_cache import cache  # noqa: E402 - the cache commands live in their own module
 
-
-@cache.command("ls")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR")
-def cache_ls(cache_dir):
-    """Entries with stage, size and age."""
-    from .cache import Cache
-
-    c = Cache(cache_dir)
-    entries = c.entries()
-    now = time.time()
-    for e in entries:
-        click.echo(f"{e['stage']:<10} {e['key']}  {e['bytes'] / 1e6:8.2f} MB  {(now - e['last_used']) / 3600:7.1f} h ago")
-    click.echo(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.2f} MB in {c.root}")
-
-
-@cache.command("clear")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEBUILD_CACHE_DIR")
-def cache_clear(cache_dir):
-    """Remove every entry."""
-    from .cache import Cache
-
-    c = Cache(cache_dir)
-    n = c.clear()
-    click.echo(f"removed {n} entries from {c.root}")
+cli.add_command(cache)
 
 
 def main(argv=None) -> int:
@@ -390,6 +373,7 @@ def main(argv=None) -> int:
         where = ctx.command_path if ctx is not None else "edgebuild"
         click.echo(f"error: {one_line(e.format_message())}", err=True)
         click.echo(f"hint: see '{where} --help'", err=True)
+        _json_error(one_line(e.format_message()), f"see '{where} --help'", 2)
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted: the cache and the previous dist/ are intact", err=True)

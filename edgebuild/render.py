@@ -58,9 +58,27 @@ def cpp_float(v) -> str:
 
 
 def md(v) -> str:
-    """Markdown-escaped inline text."""
+    """Inline Markdown text with only what would change meaning escaped, so a README reads cleanly
+    in a terminal too: backslash, backtick, ``*``, ``<``/``>``, ``|``, ``~``; brackets where they
+    could form a link; ``_`` at
+    a word's edge (inside a word it is literal); and, at the start, what would begin a heading,
+    list or quote."""
     s = pycomment(v)
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", s)
+    s = re.sub(r"([\\`*<>|~])", r"\\\1", s)
+    if re.search(r"\][(\[:]", s):  # brackets only matter where they could make a link
+        s = re.sub(r"([\[\]])", r"\\\1", s)
+    s = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", s)
+    s = re.sub(r"^(\s*)([#+=-])(?=\s|$)", r"\1\\\2", s)
+    return re.sub(r"^(\s*\d+)([.)])(?=\s|$)", r"\1\\\2", s)
+
+
+def mdcode(v) -> str:
+    """A Markdown code span holding ``v`` literally (fenced with more backticks than it has)."""
+    s = pycomment(v)
+    run = max((len(m) for m in re.findall(r"`+", s)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def to_json(v) -> str:
@@ -75,7 +93,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
         keep_trailing_newline=True,
     )
-    env.filters.update(pyrepr=pyrepr, pycomment=pycomment, cpp_string=cpp_string, cpp_int=cpp_int, cpp_float=cpp_float, md=md, tojson_text=to_json)
+    env.filters.update(pyrepr=pyrepr, pycomment=pycomment, cpp_string=cpp_string, cpp_int=cpp_int, cpp_float=cpp_float, md=md, mdcode=mdcode, tojson_text=to_json)
     return env
 
 
