@@ -124,15 +124,10 @@ def _carry(src: Path, dst: Path) -> None:
 def _legacy_entries(out: Path) -> list[str]:
     """What a build of the old layout left at the top of ``out``: bundle folders, archives,
     sidecars and reports as real files (anything else is the user's and stays untouched)."""
-    names = []
-    for p in sorted(out.iterdir()):
-        if p.name.startswith(".") or p.is_symlink():
-            continue
-        if p.is_dir() and (p / "manifest.json").is_file():
-            names.append(p.name)
-        elif p.is_file() and (p.name in REPORTS or p.name.endswith((".tar.gz", ".tar.gz.sha256"))):
-            names.append(p.name)
-    return names
+    entries = [p for p in sorted(out.iterdir()) if not p.name.startswith(".") and not p.is_symlink()]
+    bundles = {p.name for p in entries if p.is_dir() and (p / "manifest.json").is_file()}
+    archives = {f"{b}.tar.gz" for b in bundles} | {f"{b}.tar.gz.sha256" for b in bundles}
+    return [p.name for p in entries if p.name in bundles or (p.is_file() and (p.name in REPORTS or p.name in archives))]
 
 
 def _adopt_legacy(out: Path, gens: Path) -> None:
