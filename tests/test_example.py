@@ -75,7 +75,7 @@ def test_infer_py_classifies_val_image_like_the_reference(example_build, target)
     import torch
 
     cfg = load_build_config(EXAMPLE / "edgebuild.yaml")
-    entry = next((example_build["cache"] / "transfer").iterdir())
+    entry = next(p for p in (example_build["cache"] / "transfer").iterdir() if not p.name.startswith("."))  # not a .KEY.lock
     model = transfer.load_model(cfg, entry)
     ref = model(torch.from_numpy(load_image(img, cfg.preprocess)[None])).argmax(1).item()
     labels = (b / "labels.txt").read_text().splitlines()
