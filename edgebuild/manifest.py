@@ -102,7 +102,9 @@ def build_manifest(cfg: BuildConfig, prof: TargetProfile, metrics: dict, tmeta: 
         },
         "preprocess": preprocess_args(cfg.preprocess),
         "labels": list(data.classes),
-        "data": getattr(data, "record", None),
+        # the data paths as the build file gives them (relative to it), not where the project lives:
+        # the same project in another folder gives the same manifest
+        "data": {**data.record, **{k: getattr(cfg.data, k, None) for k in ("train", "val", "test")}} if getattr(data, "record", None) else None,
         "metrics": m,
         "transfer": {k: tmeta.get(k) for k in ("mode", "head", "features", "val_accuracy", "test_accuracy", "best_epoch", "optimizer", "lr", "augment", "device", "world_size", "backend", "precision", "mean_epoch_seconds")},
         "compression": compression(mmeta) if "accuracy_after_prune" in mmeta else None,
