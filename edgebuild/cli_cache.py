@@ -38,7 +38,8 @@ def cache_ls(cache_dir):
     entries = c.entries()
     now = time.time()
     for e in entries:
-        click.echo(f"{e['stage']:<9} {e.get('build') or '-':<20} {e.get('target') or '(shared)':<30} {e['key'][:12]}  "
+        target = "(shared)" if e.get("target") == "" else (e.get("target") or "-")  # "-": not recorded
+        click.echo(f"{e['stage']:<9} {e.get('build') or '-':<20} {target:<30} {e['key'][:12]}  "
                    f"{e['bytes'] / 1e6:8.2f} MB  {(now - e['last_used']) / 3600:7.1f} h ago")
     click.echo(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.2f} MB in {c.root}")
 
