@@ -46,7 +46,7 @@ def published_whole(dist: Path) -> str:
     assert len(gens) == 1 and next(iter(gens))[0] == ".generations", gens
     report = json.loads((dist / "report.json").read_text())
     bundles = sorted(p.name for p in names if p.is_dir())
-    assert sorted(t["bundle"] for t in report["targets"].values()) == bundles
+    assert set(t["bundle"] for t in report["targets"].values()) <= set(bundles)  # and other targets' bundles, carried
     for b in bundles:
         folder = verify_bundle(dist / b)["manifest"]
         archive = verify_bundle(dist / f"{b}.tar.gz")["manifest"]
@@ -155,9 +155,10 @@ def test_kill_9_at_each_publishing_step_leaves_one_whole_build(built_once, tmp_p
     before = tree_digest(dist)
     old_gen = published_whole(dist)
     write_config(project, epochs=3)  # a different model: every bundle changes
-    env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", EDGEBUILD_TEST_PUBLISH_DELAY="60")
-    proc = subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
-                             "-t", "x86-openvino-int8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project)
+    env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", EDGEBUILD_TEST_PUBLISH_DELAY="5")
+    # one target rebuilt (fast); the other target's bundle is carried into the new generation
+    proc = subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project)
     wait_for(proc, f"publish step: {step}")
     proc.kill()
     proc.communicate(timeout=60)
@@ -166,8 +167,9 @@ def test_kill_9_at_each_publishing_step_leaves_one_whole_build(built_once, tmp_p
         assert gen == old_gen and tree_digest(dist) == before
     else:
         assert gen != old_gen and tree_digest(dist) != before
-    again = subprocess.run([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
-                            "-t", "x86-openvino-int8"], capture_output=True, text=True, env=dict(env, EDGEBUILD_TEST_PUBLISH_DELAY=""), cwd=project)
+    again = subprocess.run([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32"],
+                           capture_output=True, text=True, env=dict(env, EDGEBUILD_TEST_PUBLISH_DELAY=""), cwd=project)
     assert again.returncode == 0, again.stderr
     assert [p.name for p in (dist / ".generations").iterdir()] == [published_whole(dist)]
     assert not [p for p in dist.iterdir() if ".link-" in p.name or p.name.startswith((".staging", ".current.tmp"))]
+    assert {"tiny-x86-onnxruntime-fp32", "tiny-x86-openvino-int8"} <= {p.name for p in dist.iterdir()}  # the untouched target kept
