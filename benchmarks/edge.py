@@ -125,7 +125,7 @@ def emulation_costs(onnx_path: Path, x: np.ndarray, host_ms: float) -> dict:
     import shutil
 
     from edgebuild.cache import default_root
-    from edgebuild.emulate import VENV, chroot, root_dir
+    from edgebuild.emulate import VENV, chroot, install_requirements, root_dir
 
     root = root_dir(default_root())
     ready = root / ".edgebuild-ready.json"
@@ -135,6 +135,8 @@ def emulation_costs(onnx_path: Path, x: np.ndarray, host_ms: float) -> dict:
     work = root / "tmp" / "edgebuild-bench"
     work.mkdir(exist_ok=True)
     try:
+        (work / "requirements.txt").write_text("onnxruntime\nnumpy\n")
+        install_requirements(root, work / "requirements.txt")
         shutil.copyfile(onnx_path, work / "m.onnx")
         np.save(work / "x.npy", x)
         (work / "t.py").write_text(EMU_SCRIPT)
