@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-providers test-emulated venv venv-providers clean bench example mutants
+.PHONY: demo test test-fast test-providers test-emulated venv venv-providers clean bench example example-textures mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,15 @@ test-emulated: $(STAMP)
 example: $(STAMP)
 	$(PY) examples/digits/make_example.py
 
+# The realistic example: 3,600 generated 128x128 RGB images into examples/textures/data
+# (gitignored; about 1 min on 2 cores), then the build. make_example.py --pretrain reproduces the
+# committed backbone.safetensors (a few minutes).
+example-textures: $(STAMP)
+	$(PY) examples/textures/make_example.py
+	$(VENV)/bin/edgebuild build examples/textures/edgebuild.yaml
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(PVENV) dist examples/digits/dist .pytest_cache
+	rm -rf $(VENV) $(PVENV) dist examples/digits/dist examples/textures/dist examples/textures/data .pytest_cache

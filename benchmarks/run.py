@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.sections import keep_sections
+
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
 HOST_PROFILES = ["x86-onnxruntime-fp32", "x86-onnxruntime-int8", "x86-openvino-fp32", "x86-openvino-fp16", "x86-openvino-int8"]
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
         res = json.loads((ROOT / "benchmarks" / "results.json").read_text())
         if "isa_peak" not in res["limit"]:
             res["limit"]["isa_peak"] = isa_peak()
-        Path(opts.out).write_text(render_md(res))
+        Path(opts.out).write_text(keep_sections(Path(opts.out), render_md(res)))
         return 0
     opts.warmup, opts.iters, opts.seconds, opts.mm_iters = (3, 10, 2, 3) if opts.quick else (20, 150, 5, 10)
     import warnings
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
     print("== rebuild costs", file=sys.stderr)
     results["rebuild"] = rebuild_costs(work)
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    Path(opts.out).write_text(render_md(results))
+    Path(opts.out).write_text(keep_sections(Path(opts.out), render_md(results)))
     print(f"wrote {opts.out}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return 0
