@@ -140,3 +140,24 @@ def test_compression_section_shows_prune_accuracies(tiny_project, cli):
         assert f"{v:.4f}" in html
     assert "with distillation from the unpruned model" in html
     assert "prune recovery (align 8)" in html  # its curve beside the transfer's
+
+
+def test_per_class_sections_for_val_and_test_and_slower_note_in_targets_show(tmp_path, cli):
+    from edgebuild.report import render_html
+
+    m = {"status": "measured", "latency_p50_ms": 2.0, "latency_p90_ms": 2.5, "accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 0.01,
+         "reference_scale": 5.0, "size_bytes": 1000, "confusion": [[9, 1], [1, 9]], "test_confusion": [[4, 1], [0, 5]],
+         "benchmark": {"rounds": 5, "iterations": 100, "p90_spread_pct": 4.0}, "settings": {"runtime": "openvino"}}
+    fast = dict(m, latency_p50_ms=1.0, test_confusion=None)
+    report = {"name": "n", "version": "1", "status": "ok", "edgebuild": "0", "seconds": 1.0, "classes": ["cat", "dog"], "plan": [],
+              "stage_seconds": {}, "targets": {"slow": {"profile": {"precision": "fp16", "runtime": "openvino"}, "metrics": m, "gates": [], "bundle": "b", "status": "pass",
+                                                        "slower": "slower than fast on this host (p50 2.000 ms vs 1.000 ms) with no accuracy gained (0.9000 vs 0.9000)"},
+                                               "fast": {"profile": {"precision": "fp32", "runtime": "openvino"}, "metrics": fast, "gates": [], "bundle": "c", "status": "pass"}}}
+    html = render_html(report)
+    assert "<h3>slow on val</h3>" in html and "<h3>slow on test</h3>" in html and "<h3>fast on test</h3>" not in html
+    assert "slow: slower than fast" in html and "0.2% of max |logit| 5" in html and "±2.0% over 5 rounds" in html
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "report.json").write_text(json.dumps({"targets": {"x86-openvino-fp16": {"slower": "slower than x86-openvino-fp32 (test)"}}}))
+    (tmp_path / "edgebuild.yaml").write_text("name: x\n")
+    code, out, _ = cli("targets", "show", "x86-openvino-fp16", "-c", tmp_path / "edgebuild.yaml")
+    assert code == 0 and "# last build (" in out and "slower than x86-openvino-fp32 (test)" in out
