@@ -2,6 +2,7 @@
 resumes from the last completed stage and succeeds."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -56,9 +57,10 @@ def published_whole(dist: Path) -> str:
     return next(iter(gens))[1]
 
 
-def build_proc(project: Path, cache: Path):
+def build_proc(project: Path, cache: Path, out: Path | None = None):
     env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32", "-t", "x86-openvino-int8"],
+    return subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
+                             "-t", "x86-openvino-int8", "--reproducible", *(["-o", str(out)] if out else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project)
 
 
@@ -75,6 +77,20 @@ def wait_for(proc, marker: str, timeout=300) -> str:
     raise AssertionError(f"never saw {marker!r}: {''.join(seen)[-2000:]}")
 
 
+def started(log: str) -> list[tuple[str, str]]:
+    """(stage, target) of every 'running ...' line, in order."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith("running "):
+            words = line[len("running "):].split(" ", 1)
+            out.append((words[0], words[1].strip("[]") if len(words) > 1 and not words[1].startswith("[align") else ""))
+    return out
+
+
+def entries(cache: Path) -> set[str]:
+    return {f"{p.parent.name}/{p.name}" for p in cache.glob("*/*") if p.is_dir() and not p.name.startswith(".")}
+
+
 def cache_is_intact(cache: Path) -> None:
     c = Cache(cache)
     with warnings.catch_warnings():
@@ -85,7 +101,11 @@ def cache_is_intact(cache: Path) -> None:
 
 @pytest.fixture(scope="module")
 def built_once(tmp_path_factory):
-    """A tiny project built once; each test interrupts a rebuild of a copy of it."""
+    """A tiny project built once (2 epochs); each test interrupts a 3-epoch rebuild of a copy of
+    it. The same 3-epoch build, uninterrupted from a cold cache, is the reference every resumed
+    build must equal byte for byte (--reproducible)."""
+    import shutil
+
     import conftest
 
     root = tmp_path_factory.mktemp("interrupt-src")
@@ -94,44 +114,81 @@ def built_once(tmp_path_factory):
     first = build_proc(project, cache)
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out
-    return project, cache
+    # the reference is built where every test's project will be: the ONNX files name the
+    # backbone's module after its path (edgebuild_user_<hash of the path>)
+    work = root / "work" / "project"
+    shutil.copytree(project, work, ignore=shutil.ignore_patterns("dist"))
+    write_config(work, epochs=3)
+    ref = build_proc(work, root / "ref-cache", out=root / "ref-dist")
+    log, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, log
+    shutil.rmtree(work)
+    return project, cache, tree_digest(root / "ref-dist"), started(log), work
 
 
-CASES = [(signal.SIGINT, "running transfer"), (signal.SIGKILL, "running export [x86-openvino-int8]"),
-         (signal.SIGINT, "running quantize"), (signal.SIGKILL, "running validate [x86-openvino-int8]")]
+# (signal, the line it follows, seconds after that line): at a stage's start and inside it
+# (mid-training, mid-benchmark, inside NNCF), and at the last stage, where bundles are published
+CASES = [(signal.SIGINT, "running transfer", 0), (signal.SIGKILL, "running transfer", 0.3),
+         (signal.SIGINT, "running export [x86-onnxruntime-fp32]", 0), (signal.SIGKILL, "running validate [x86-onnxruntime-fp32]", 0.2),
+         (signal.SIGKILL, "running export [x86-openvino-int8]", 0), (signal.SIGINT, "running quantize", 0),
+         (signal.SIGKILL, "running quantize", 1.0), (signal.SIGKILL, "running validate [x86-openvino-int8]", 0),
+         (signal.SIGINT, "running validate [x86-openvino-int8]", 0.3)]
 
 
-@pytest.mark.parametrize("sig,marker", CASES, ids=[f"{s.name}-{m.split()[1]}" for s, m in CASES])
-def test_interrupt_keeps_cache_and_dist(built_once, tmp_path, sig, marker):
+@pytest.mark.parametrize("sig,marker,delay", CASES, ids=[f"{s.name}-{m.split()[1]}{'-' + m.split()[2].strip('[]').split('-')[1] if len(m.split()) > 2 else ''}+{d}"
+                                                         for s, m, d in CASES])
+def test_interrupt_keeps_cache_and_dist(built_once, tmp_path, sig, marker, delay):
     import shutil
 
-    project, cache = tmp_path / "project", tmp_path / "cache"
+    project, cache = built_once[4], tmp_path / "cache"
+    shutil.rmtree(project, ignore_errors=True)  # one path for every case (see built_once)
     shutil.copytree(built_once[0], project)
     shutil.copytree(built_once[1], cache)
+    reference, all_stages = built_once[2], built_once[3]
     dist = project / "dist"
     before = tree_digest(dist)
+    entries_before = entries(cache)
     # change the training so everything reruns, then interrupt at the marker
     write_config(project, epochs=3)
     proc = build_proc(project, cache)
-    wait_for(proc, marker)
-    proc.send_signal(sig)  # at once: the stage has just started
+    log = wait_for(proc, marker)
+    if delay:
+        time.sleep(delay)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
+    log += rest
     if sig == signal.SIGINT:
         assert proc.returncode == 130, rest
         assert "Traceback" not in rest
+        assert "interrupted: the cache and the previous dist/ are intact" in rest
         assert not [p for p in dist.iterdir() if p.name.startswith(".staging")]
     else:
         assert proc.returncode == -9
     after = tree_digest(dist)
     published_whole(dist)
-    assert after == before, "the previous dist/ changed"
+    if after != before:
+        # the signal came after the new build was switched in (Ctrl-C waits for publishing to
+        # end): dist/ is then the whole new build, the one an uninterrupted build gives
+        assert "validate [x86-openvino-int8]" in marker and sig == signal.SIGINT, "the previous dist/ changed"
+        assert {k: v for k, v in after.items() if not k.startswith("report.")} == \
+            {k: v for k, v in reference.items() if not k.startswith("report.")}
     cache_is_intact(cache)
-    # the next build succeeds, resumes from what was completed and leaves no debris
+    # the cache holds exactly the stages that finished before the signal (the one it hit may
+    # have finished too), each whole
+    ran = started(log)
+    finished, hit = ran[:-1], ran[-1]
+    new_entries = sorted(e.split("/")[0] for e in entries(cache) - entries_before)
+    assert sorted(s for s, _ in finished) == new_entries or sorted(s for s, _ in ran) == new_entries, (ran, new_entries)
+    # the next build succeeds, reuses what finished, and gives the uninterrupted build's bytes
     again = build_proc(project, cache)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
-    if "transfer" not in marker:
-        assert "cached" in out  # stages completed before the interrupt are reused
+    plan = {(s["stage"], s["target"]): s["cached"] for s in json.loads((dist / "report.json").read_text())["plan"]}
+    assert all(plan[s] for s in finished), (finished, plan)
+    assert [s for s in started(out)] == [s for s in all_stages if not plan[s]]
+    assert not [s for s in all_stages if s not in finished and s != hit and plan[s]]
+    assert {k: v for k, v in tree_digest(dist).items() if not k.startswith("report.")} == \
+        {k: v for k, v in reference.items() if not k.startswith("report.")}
     assert sorted(p.name for p in dist.iterdir() if p.name.startswith(".")) == [".current", ".generations", ".lock"]
     assert [p.name for p in (dist / ".generations").iterdir()] == [published_whole(dist)]  # no debris
     assert not list(cache.rglob(".tmp-*"))
