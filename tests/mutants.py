@@ -17,8 +17,8 @@ Note on G2: the guard compares ``drop <= budget + 1e-12``. Turning only ``<=`` i
 keeping the 1e-12 tolerance changes nothing (a drop rounded to 6 decimals never equals
 budget + 1e-12), so that mutant is equivalent and no test can catch it; G2 plants the strict
 comparison without the tolerance, which a drop exactly equal to the budget catches.
-O1 relies on this host's CPU defaulting to bf16 (AVX512-BF16/AMX); on a CPU without bf16 the
-default is f32 and O1 is equivalent there.
+O1 relies on this host's CPU defaulting to bf16 (AVX512-BF16/AMX), O2 on its CPU honouring an
+f16 hint (FP16 capability); on CPUs without them both are equivalent there.
 """
 
 from __future__ import annotations
@@ -85,10 +85,11 @@ MUTANTS = [
      'inputs["backbone_code"] = sha256_file(p)', 'inputs["backbone_code"] = str(p)',
      [f"{KEYS}::test_backbone_code_change_invalidates"]),
     ("C4", "preprocess settings dropped from the transfer key", "edgebuild/pipeline.py",
-     '"preprocess": cfg.preprocess.model_dump(), ', "",
+     'tparams = {"transfer": cfg.transfer.model_dump(), "preprocess": cfg.preprocess.model_dump(), "seed": cfg.seed,',
+     'tparams = {"transfer": cfg.transfer.model_dump(), "seed": cfg.seed,',
      [f"{KEYS}::test_preprocess_settings_change_invalidates"]),
-    ("C5", "preprocess.py code dropped from the data fingerprint", "edgebuild/pipeline.py",
-     r'\npreprocess:{code}\n', r'\n',
+    ("C5", "preprocess.py code dropped from the data fingerprint", "edgebuild/dataset.py",
+     '.encode() + f"preprocess:{code}\\n".encode()).hexdigest()', '.encode()).hexdigest()',
      [f"{KEYS}::test_preprocess_code_change_invalidates"]),
     ("C6", "cache entries written without their checksums (every read drops and rebuilds them)", "edgebuild/cache.py",
      '"describe": describe, "files": _checksums(tmp)}', '"describe": describe, "files": {}}',
@@ -131,8 +132,8 @@ MUTANTS = [
      'config = {"INFERENCE_PRECISION_HINT": prec, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}',
      'config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}',
      [f"{CLAIMS}::test_openvino_fp16_and_int8_run_precision"]),
-    ("O2", "OpenVINO fp16 runs in f32 on a CPU with FP16", "edgebuild/runtimes/openvino.py",
-     'return "f16" if "FP16" in caps else "f32"', 'return "f32"',
+    ("O2", "OpenVINO fp16 computes in f16 on the CPU (the rule on main: f32 there)", "edgebuild/runtimes/openvino.py",
+     'if precision == "fp16" and not device.startswith("CPU"):', 'if precision == "fp16":',
      [f"{CLAIMS}::test_openvino_fp16_and_int8_run_precision"]),
     # ---- torchrun
     ("D1", "ranks end with different weights (no broadcast of rank 0's state)", "edgebuild/distributed.py",
