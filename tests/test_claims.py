@@ -88,7 +88,7 @@ def test_gate_failure_through_the_cli_is_exit_3(tiny_project, cli):
     assert code == 3
     table = err.split("error:")[0]
     assert "max_size_mb" in table and "min_agreement" not in table  # only the failed gate is listed
-    report = json.loads((tiny_project / "dist" / "report.json").read_text())
+    report = json.loads((tiny_project / "dist" / "failed-report.json").read_text())  # a failed build's report
     gates = {g["budget"]: g["verdict"] for g in report["targets"]["strict"]["gates"]}
     assert gates == {"max_size_mb": "FAIL", "min_agreement": "pass", "parity max_abs_diff": "pass"}
 
