@@ -90,7 +90,9 @@ def render(results: dict) -> str:
              "here on 8 other texture classes, transferred to 6 new ones; val: 100 images per class. `full`: 400",
              "training images per class, `fewshot`: 20. Only `transfer.mode` and `transfer.augment` change between",
              "runs (epochs, lr, batch size as in the example's build files); fp32 PyTorch accuracy of the transfer",
-             "stage. Scratch trains the same architecture from a random init.", "",
+             "stage. Scratch trains the same architecture from a random init. The best epoch is chosen on val; test",
+             "(100 per class) is held out, so it is the fair figure. Chance is 0.167. Runs missing from the table",
+             "have not been recorded yet.", "",
              f"Command: `{results.get('command', 'python -m benchmarks.transfer_accuracy')}` "
              f"({results.get('machine', '')}, {results.get('date', '')}).", "",
              "| data | mode | augment | epochs | val accuracy | test accuracy | transfer s |",
