@@ -87,12 +87,17 @@ def test_openvino_guard_uses_ignored_scope_and_accuracy_control(tmp_path):
 
 
 def _force_int8_loss(monkeypatch):
-    real = quantize_stage.host_accuracy
+    """Every int8 attempt (PTQ remedies and QAT alike) scores as if it always predicted one class."""
+    real = quantize_stage.host_logits
 
-    def fake(profile, artifact, precision, X, y):
-        return 0.0 if precision == "int8" else real(profile, artifact, precision, X, y)
+    def fake(profile, artifact, precision, X):
+        out = real(profile, artifact, precision, X)
+        if precision == "int8":
+            out = np.zeros_like(out)
+            out[:, 0] = 1.0
+        return out
 
-    monkeypatch.setattr(quantize_stage, "host_accuracy", fake)
+    monkeypatch.setattr(quantize_stage, "host_logits", fake)
 
 
 def test_pipeline_records_fallback_in_manifest(tiny_project, monkeypatch):
