@@ -89,6 +89,8 @@ class ImageStore:
     def rows(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx),) + self.shape[1:], np.uint8)
+        if not len(idx):
+            return out
         flat = out.reshape(len(idx), -1)
         fd = self._file()
         k = 0
