@@ -3,7 +3,7 @@ OpenVINO, and against each runtime's plain hand-written recipe, for hf ResNet-18
 configs at 224x224, batch 1, 2 threads, in one process with one timing harness; then the
 emulation costs (one-time arm64 root, per-image emulated validation).
 
-    flock /work/heavy.lock python -m benchmarks.edge [--emulated-dist DIST]   # writes benchmarks/edge.json, re-renders BENCHMARKS.md
+    python -m benchmarks.edge [--emulated-dist DIST]   # writes benchmarks/edge.json, re-renders BENCHMARKS.md
 
 The edgebuild rows go through the runtime adapters exactly as a build does (export, int8 with
 the calibration set, runner with the profile's threads). The models are randomly initialised
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     from edgebuild.backbones import LogitsOnly
 
     torch.set_num_threads(THREADS)
-    res = {"machine": machine_info(), "threads": THREADS, "batch": 1, "command": "flock /work/heavy.lock python -m benchmarks.edge",
+    res = {"machine": machine_info(), "threads": THREADS, "batch": 1, "command": "python -m benchmarks.edge",
            "python": platform.python_version(), "models": {}}
     rng = np.random.default_rng(0)
     mean, std = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None], np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]

@@ -123,7 +123,7 @@ MUTANTS = [
     ("V3", "parity gate never checked", "edgebuild/stages/validate.py",
      "tol = PARITY_TOLERANCE.get(precision)", 'tol = PARITY_TOLERANCE.get("int8")',
      [f"{CLAIMS}::test_gates_fail_on_accuracy_drop_agreement_and_parity"]),
-    ("B1", "budgets: the profile default wins over the build file (helper 14's rule on main: the build file wins)", "edgebuild/budgets.py",
+    ("B1", "budgets: the profile default wins over the build file (the rule: the build file wins)", "edgebuild/budgets.py",
      'out[key] = {"value": b, "source": f"{BUILD} (profile default {p:g})"}', 'out[key] = {"value": p, "source": f"{BUILD} (profile default {p:g})"}',
      ["tests/test_budgets.py::test_build_file_loosens_a_profile_default"]),
     ("B2", "budgets: a hard device limit can be loosened by the build file", "edgebuild/budgets.py",
