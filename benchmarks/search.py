@@ -132,7 +132,7 @@ def render(res: dict) -> str:
                       f"Rank correlation proxy vs final accuracy: n/a ({g['finalists']} finalists)", ""]
     lines += ["Caveats: the backbones have random weights, so pruning destroys the features the head was fitted on and one recovery "
               "epoch does not bring them back (every pruned finalist ends at chance, 0.25); the search then keeps the unpruned int8 artifact "
-              "(1.00x the hand-written recipe). Other helpers' unlocked jobs shared the 2 cores during parts of this run; the ONNX Runtime "
+              "(1.00x the hand-written recipe). Other jobs shared the 2 cores during parts of this run; the ONNX Runtime "
               "figures in particular are far slower than in BENCHMARKS.md and should be rerun on a quiet machine."]
     return "\n".join(lines) + "\n"
 
