@@ -96,6 +96,8 @@ def cache_is_intact(cache: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a corrupt entry would warn
         for e in c.entries():
+            if e["stage"] in ("data", "emulation", "torch_extensions"):
+                continue  # the image store and tool folders: not checksummed stage outputs
             assert c.get(e["stage"], e["key"]) is not None, e
 
 
@@ -142,7 +144,7 @@ def test_interrupt_keeps_cache_and_dist(built_once, tmp_path, sig, marker, delay
 
     project, cache = built_once[4], tmp_path / "cache"
     shutil.rmtree(project, ignore_errors=True)  # one path for every case (see built_once)
-    shutil.copytree(built_once[0], project)
+    shutil.copytree(built_once[0], project, symlinks=True)  # dist/'s published names are links into a generation
     shutil.copytree(built_once[1], cache)
     reference, all_stages = built_once[2], built_once[3]
     dist = project / "dist"
