@@ -23,6 +23,9 @@ What runs where:
   collective times out after EDGEBUILD_DIST_TIMEOUT seconds (default 300); the final wait for
   rank 0's status after EDGEBUILD_DIST_WAIT_TIMEOUT (default 6 h, rank 0 may validate for long).
 
+The launcher side (``--nproc``'s parent process, the status file and exit codes) is in
+``edgebuild.launcher``; its names stay importable from here.
+
 A rank that fails exits non-zero at once; its peers see the closed connection (or the timeout)
 and torchrun's agent stops the remaining workers, so a failure never hangs the group.
 """
@@ -32,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import timedelta
@@ -41,10 +43,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from .lazy import torch
+from .launcher import STATUS_FILE_ENV, exit_code_of, relaunch, write_status_file  # noqa: F401 - the launcher side, importable from here too
 
 TIMEOUT_ENV = "EDGEBUILD_DIST_TIMEOUT"
 WAIT_TIMEOUT_ENV = "EDGEBUILD_DIST_WAIT_TIMEOUT"
-STATUS_FILE_ENV = "EDGEBUILD_DIST_STATUS_FILE"
 FAIL_RANK_ENV = "EDGEBUILD_TEST_FAIL_RANK"
 
 
@@ -170,7 +172,7 @@ def finish(code: int) -> int:
         if not active():
             return code
         if is_main() or code:
-            _write_status_file(code)
+            write_status_file(code)
             if _state.released:
                 dist.broadcast_object_list([code], src=0, group=_state.status_group)
             else:
@@ -194,18 +196,6 @@ def finish(code: int) -> int:
         _state.private_dirs.clear()
 
 
-def _write_status_file(code: int) -> None:
-    """For ``--nproc``: the first status written wins (the root cause, not a peer's lost contact)."""
-    path = os.environ.get(STATUS_FILE_ENV)
-    if path:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(code))
-
-
 def lost_peers(exc: BaseException) -> bool:
     """A collective failed because another rank died or did not answer in time."""
     import torch.distributed as dist
@@ -222,58 +212,6 @@ def lost_peers_message(exc: BaseException) -> str:
     return (f"error: rank {rank()}: a collective operation failed ({first[:200]})\n"
             f"hint: another rank has probably failed (its error is above) or did not answer within "
             f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV, '300')} seconds")
-
-
-def exit_code_of(exc: BaseException | None) -> int:
-    """The exit code the CLI gives for ``exc`` (mirrors cli.Group / cli.main)."""
-    import click
-
-    from .errors import EdgebuildError
-
-    if exc is None:
-        return 0
-    if isinstance(exc, EdgebuildError):
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt) or isinstance(exc, click.exceptions.Abort):
-        return 130
-    if isinstance(exc, click.exceptions.Exit):
-        return exc.exit_code
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    if isinstance(exc, click.ClickException):
-        return exc.exit_code
-    return 1
-
-
-# ------------------------------------------------------------------------------ launching
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run ``argv`` (edgebuild's arguments, without --nproc) under torchrun with ``nproc``
-    local processes; returns rank 0's exit code (torchrun's own where rank 0 left none)."""
-    fd, status = tempfile.mkstemp(prefix="edgebuild-status-")
-    os.close(fd)
-    os.unlink(status)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", "-m", "edgebuild", *argv]
-    env = dict(os.environ, **{STATUS_FILE_ENV: status})
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and the workers too
-            try:
-                proc.wait(timeout=60)
-            except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-            return 130
-        try:
-            return int(Path(status).read_text())
-        except (OSError, ValueError):
-            return rc if rc else 0
-    finally:
-        try:
-            os.unlink(status)
-        except OSError:
-            pass
 
 
 # ------------------------------------------------------------------------------ collectives

@@ -1,5 +1,8 @@
 """Prune: structured channel pruning through Torch-Pruning's dependency graph, then recovery.
 
+The Torch-Pruning glue (tracing, importance, the pruning step, naming a failing layer) lives in
+``edgebuild.pruning``; its public names stay importable from here.
+
 Channels are physically removed (convolutions, batch norms, linears and everything coupled to
 them: residual additions, depthwise groups, concatenations), so the pruned model is smaller
 and faster on every runtime, not just sparse. The new head is never pruned (its input
@@ -16,205 +19,24 @@ fresh architecture, applies those shapes and loads the tensors. Nothing is pickl
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from ..lazy import torch, nn, F, no_grad, safetensors_torch
+from ..lazy import torch, nn, no_grad, safetensors_torch
 
 from ..config import BuildConfig, PruneConfig
-from ..errors import ConfigError, ModelError, did_you_mean
+from ..errors import ModelError
 from ..metrics import count_macs, count_params
 from .. import distributed
+from ..pruning import IMPORTANCES, SCOPES, check_forward, prune_model, resolve_layers  # noqa: F401 - public names of this stage
 from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
 VERSION = 3  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept
-
-IMPORTANCES = ("l1", "l2", "taylor")
-SCOPES = ("global", "uniform")
-
-
-# ----------------------------------------------------------------------------------------------
-# Pruning
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_layers(model: nn.Module, names: list[str], what: str = "prune.keep") -> list[nn.Module]:
-    """The modules named in ``names`` (a leading ``model.`` of wrapped hf models is optional)."""
-    modules = dict(model.named_modules())
-    found = []
-    for name in names:
-        for cand in (name, f"model.{name}"):
-            if cand and cand in modules:
-                found.append(modules[cand])
-                break
-        else:
-            layers = [n for n, m in modules.items() if n and not list(m.children())]
-            raise ModelError(f"{what}: layer '{name}' not found in the model: {did_you_mean(name, layers)}",
-                             hint="name a module as printed by print(model), e.g. 'features.0.0'")
-    return found
-
-
-class _LastModule:
-    """Remembers the last leaf module entered during a forward pass, to name a failing layer."""
-
-    def __init__(self, model: nn.Module):
-        self.names = {m: n for n, m in model.named_modules()}
-        self.last: Optional[str] = None
-        self.done = False
-        leaves = [m for m in model.modules() if not list(m.children())]
-        self.hooks = [m.register_forward_pre_hook(self._pre) for m in leaves] + [m.register_forward_hook(self._post) for m in leaves]
-
-    def _pre(self, m, _inp):
-        self.last, self.done = self.names.get(m), False
-
-    def _post(self, m, _inp, _out):
-        self.done = True
-
-    def where(self) -> str:
-        if not self.last:
-            return "the model"
-        return f"the operation right after layer '{self.last}'" if self.done else f"layer '{self.last}'"
-
-    def close(self):
-        for h in self.hooks:
-            h.remove()
-
-
-def _importance(kind: str):
-    import torch_pruning as tp
-
-    if kind == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if kind == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if kind == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    raise ConfigError(f"compress.prune.importance '{kind}': {did_you_mean(kind, IMPORTANCES)}", hint="use l1, l2 or taylor")
-
-
-def prune_model(
-    model: nn.Module,
-    example: torch.Tensor,
-    *,
-    ratio: float,
-    importance: str = "l2",
-    scope: str = "uniform",
-    keep: tuple[str, ...] | list[str] = (),
-    head: Optional[str] = None,
-    align: int = 1,
-    grad_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
-    grad_batches: int = 4,
-    batch_size: int = 32,
-    ratio_dict: Optional[dict[str, float]] = None,
-) -> dict:
-    """Prune ``model`` in place; returns what was done (ratio, kept layers, channel counts).
-
-    ``grad_data`` (X, y) gives the few batches of gradients Taylor importance needs.
-    ``ratio_dict`` maps module names (a stage such as ``layer3``) to their own ratio.
-    """
-    import torch_pruning as tp
-
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ConfigError(f"compress.prune.ratio = {ratio!r}: must be >= 0 and < 1", hint="e.g. ratio: 0.5 removes half the channels of each prunable layer")
-    if scope not in SCOPES:
-        raise ConfigError(f"compress.prune.scope '{scope}': {did_you_mean(scope, SCOPES)}", hint="use global or uniform")
-    if int(align) < 1:
-        raise ConfigError(f"align = {align!r}: must be >= 1", hint="set align in the target profile")
-    imp = _importance(importance)
-    kept_names = list(dict.fromkeys(([head] if head else []) + list(keep)))
-    ignored = resolve_layers(model, [head] if head else [], "head") + resolve_layers(model, list(keep))
-    model.eval()
-    before = _channels(model)
-    if ratio == 0 and not ratio_dict:
-        return {"ratio": 0.0, "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": {}}
-
-    tracker = _LastModule(model)
-    try:
-        with _quiet():
-            pruner = tp.pruner.BasePruner(
-                model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=scope == "global",
-                ignored_layers=ignored, round_to=int(align) if align > 1 else None,
-                pruning_ratio_dict={m: float(r) for m, r in zip(resolve_layers(model, list(ratio_dict), "compress.prune.stage_ratios"), ratio_dict.values())}
-                if ratio_dict else None,
-            )
-    except Exception as e:
-        where = f" at layer '{tracker.last}'" if tracker.last else ""
-        raise ModelError(f"Torch-Pruning cannot trace the model{where}: {type(e).__name__}: {_first_line(e)}",
-                         hint="add the layer to compress.prune.keep, or remove compress.prune for this model") from e
-    finally:
-        tracker.close()
-
-    if importance == "taylor":
-        if grad_data is None:
-            raise ModelError("taylor importance needs training data for gradients", hint="use importance: l1 or l2")
-        X, y = grad_data
-        model.zero_grad(set_to_none=True)
-        model.train()
-        gen = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(X), generator=gen)
-        for b in range(min(grad_batches, max(1, len(X) // batch_size + (len(X) % batch_size > 0)))):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            if len(idx) == 0:
-                break
-            loss = F.cross_entropy(model(torch.as_tensor(X[idx.numpy()])), torch.as_tensor(y[idx.numpy()]))
-            loss.backward()
-        model.eval()
-
-    try:
-        with _quiet():
-            pruner.step()
-    except Exception as e:
-        raise ModelError(f"Torch-Pruning failed to prune the model: {type(e).__name__}: {_first_line(e)}",
-                         hint="add the failing layer to compress.prune.keep") from e
-    model.zero_grad(set_to_none=True)
-    check_forward(model, example)
-    after = _channels(model)
-    changed = {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}
-    return {"ratio": float(ratio), **({"stage_ratios": dict(ratio_dict)} if ratio_dict else {}), "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": changed}
-
-
-def check_forward(model: nn.Module, example: torch.Tensor) -> None:
-    tracker = _LastModule(model)
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    except Exception as e:
-        where = tracker.where()
-        raise ModelError(f"the pruned model no longer runs: {where} failed: {type(e).__name__}: {_first_line(e)}",
-                         hint=f"add '{tracker.last}' (or the layer feeding it) to compress.prune.keep" if tracker.last else "add the failing layer to compress.prune.keep") from e
-    finally:
-        tracker.close()
-
-
-def _channels(model: nn.Module) -> dict[str, int]:
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[n] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            out[n] = m.out_features
-    return out
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
-
-
-def _quiet():
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    return stack
 
 
 # ----------------------------------------------------------------------------------------------
