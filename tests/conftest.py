@@ -89,6 +89,38 @@ def make_tiny_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory) -> Path:
+    """One tiny project per test module, copied for each case by ``project`` (making it trains
+    nothing but writes weights)."""
+    return make_tiny_project(tmp_path_factory.mktemp("base-project") / "base")
+
+
+@pytest.fixture
+def project(base_project, tmp_path) -> Path:
+    """A private copy of the module's ``base_project`` that a test may change."""
+    dst = tmp_path / "project"
+    shutil.copytree(base_project, dst, symlinks=True)
+    return dst
+
+
+def export_for_quantize(tmp_path: Path, model, target: str = "x86-onnxruntime-int8", example=None, **update):
+    """``model`` exported for the built-in profile ``target`` (changed by ``update``) into
+    tmp_path/export, and an empty tmp_path/quant: (profile, export folder, quantize folder),
+    what the quantize stage takes."""
+    import torch
+
+    from edgebuild.profiles import ProfileRegistry
+    from edgebuild.stages import export as export_stage
+
+    prof = ProfileRegistry([]).get(target).model_copy(update=update)
+    edir, out = tmp_path / "export", tmp_path / "quant"
+    edir.mkdir()
+    out.mkdir()
+    export_stage.run(model, torch.zeros(1, 1, 8, 8) if example is None else example, prof, edir)
+    return prof, edir, out
+
+
 def write_config(root: Path, extra: str = "", targets: str = "[x86-onnxruntime-fp32]", mode: str = "finetune", epochs: int = 2) -> Path:
     text = textwrap.dedent(
         f"""

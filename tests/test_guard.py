@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgebuild.profiles import ProfileRegistry
-from edgebuild.stages import export as export_stage
 from edgebuild.stages import quantize as quantize_stage
+
+from conftest import export_for_quantize
 
 N = 60
 
@@ -62,13 +62,7 @@ def onnx_accuracy(path, X, y) -> float:
 @pytest.fixture
 def exported(tmp_path):
     def make(**update):
-        prof = ProfileRegistry([]).get("x86-onnxruntime-int8").model_copy(update=update)
-        edir = tmp_path / "export"
-        edir.mkdir()
-        export_stage.run(model(), torch.zeros(1, 1, 8, 8), prof, edir)
-        out = tmp_path / "quant"
-        out.mkdir()
-        return prof, edir, out
+        return export_for_quantize(tmp_path, model(), "x86-onnxruntime-int8", **update)
     return make
 
 

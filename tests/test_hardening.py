@@ -30,19 +30,6 @@ from test_verify import _evil_archive, make_bundle
 from edgebuild.stages.bundle import make_archive
 
 
-@pytest.fixture(scope="module")
-def base_project(tmp_path_factory) -> Path:
-    """One tiny project, copied for each case (making it trains nothing but writes weights)."""
-    return make_tiny_project(tmp_path_factory.mktemp("hardening") / "base")
-
-
-@pytest.fixture
-def project(base_project, tmp_path) -> Path:
-    dst = tmp_path / "project"
-    shutil.copytree(base_project, dst, symlinks=True)
-    return dst
-
-
 def bad(result, *needles, code=2):
     """The contract of a refused input: exit code, error: + hint: lines, no traceback."""
     rc, out, err = result

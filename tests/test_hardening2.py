@@ -18,22 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_project, write_config
+from conftest import export_for_quantize, make_tiny_project, write_config
 from test_hardening import bad, edit, snapshot
 
 from edgebuild.locks import FileLock
-
-
-@pytest.fixture(scope="module")
-def base_project(tmp_path_factory) -> Path:
-    return make_tiny_project(tmp_path_factory.mktemp("hardening2") / "base")
-
-
-@pytest.fixture
-def project(base_project, tmp_path) -> Path:
-    dst = tmp_path / "project"
-    shutil.copytree(base_project, dst, symlinks=True)
-    return dst
 
 
 def run(args, env=None, cwd=None, timeout=300, **kw) -> subprocess.CompletedProcess:
@@ -488,18 +476,10 @@ def test_guard_acts_on_every_accuracy_gate(tmp_path, gate):
     """No accuracy-drop budget, only min_agreement (or min_accuracy): plain int8 agrees with the
     reference (and the labels) on about a third of the inputs, so the guard tries the remedy,
     which gets all of them."""
-    import torch
-
-    from edgebuild.profiles import ProfileRegistry
-    from edgebuild.stages import export as export_stage
     from edgebuild.stages import quantize as quantize_stage
     from test_guard import data, model, onnx_accuracy
 
-    prof = ProfileRegistry([]).get("x86-onnxruntime-int8")
-    edir, out = tmp_path / "export", tmp_path / "quant"
-    edir.mkdir()
-    out.mkdir()
-    export_stage.run(model(), torch.zeros(1, 1, 8, 8), prof, edir)
+    prof, edir, out = export_for_quantize(tmp_path, model())
     X, y = data()
     ref = np.eye(3, dtype=np.float32)[y] * 6.4  # the float model's logits, by hand: it is exact
     measured = "agreement" if gate == "min_agreement" else "accuracy"

@@ -9,12 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgebuild.profiles import ProfileRegistry
 from edgebuild.qat import QATJob
-from edgebuild.stages import export as export_stage
 from edgebuild.stages import quantize as quantize_stage
 
-from conftest import write_config
+from conftest import export_for_quantize, write_config
 
 EXAMPLE = torch.zeros(1, 1, 8, 8)
 
@@ -46,12 +44,7 @@ def outlier_data(n: int, seed: int):
 
 
 def _setup(tmp_path, target, model, **update):
-    prof = ProfileRegistry([]).get(target).model_copy(update=update)
-    edir, out = tmp_path / "export", tmp_path / "quant"
-    edir.mkdir()
-    out.mkdir()
-    export_stage.run(model, EXAMPLE, prof, edir)
-    return prof, edir, out
+    return export_for_quantize(tmp_path, model, target, EXAMPLE, **update)
 
 
 def test_qat_recovers_where_every_ptq_remedy_fails(tmp_path):

@@ -10,11 +10,9 @@ import torch
 from torch import nn
 
 from edgebuild.errors import GateFailed
-from edgebuild.profiles import ProfileRegistry
-from edgebuild.stages import export as export_stage
 from edgebuild.stages import quantize as quantize_stage
 
-from conftest import write_config
+from conftest import export_for_quantize, write_config
 
 
 def _tiny():
@@ -30,13 +28,7 @@ def _data(n=48):
 
 
 def _exported(tmp_path, target, **update):
-    prof = ProfileRegistry([]).get(target).model_copy(update=update)
-    edir = tmp_path / "export"
-    edir.mkdir()
-    export_stage.run(_tiny(), torch.zeros(1, 1, 8, 8), prof, edir)
-    out = tmp_path / "quant"
-    out.mkdir()
-    return prof, edir, out
+    return export_for_quantize(tmp_path, _tiny(), target, **update)
 
 
 def test_plain_when_within_budget(tmp_path):
