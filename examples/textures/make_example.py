@@ -251,7 +251,7 @@ def pretrain(epochs: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain", action="store_true", help="pretrain backbone.safetensors on task A again")
-    ap.add_argument("--epochs", type=int, default=3, help="pretraining epochs (the committed weights: 3)")
+    ap.add_argument("--epochs", type=int, default=12, help="pretraining epochs (the committed weights: 12)")
     ap.add_argument("--out", type=Path, default=HERE / "data")
     args = ap.parse_args()
     write_folders(args.out)
