@@ -65,19 +65,28 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a uniquely named temporary file and one rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """``text`` into ``path`` through a uniquely named temporary file and one rename. An error
+    names ``path``, never the temporary file: a folder in its place is an EdgebuildError (exit 2),
+    any other OSError is raised again with ``path`` as its file name."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp makes 0600)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if not isinstance(e, OSError) or e.errno is None:
+            raise
+        if e.errno == errno.EISDIR:  # rename(2) of a file over a folder
+            raise EdgebuildError(f"cannot write {path}: Is a directory (edgebuild writes a file there)",
+                                 hint=f"move the folder {path} out of the way, or pass another -o") from e
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def current(out: Path) -> Path | None:
@@ -236,10 +245,7 @@ def write_failed_report(out: Path, texts: dict[str, str]) -> Path:
     """A failed build's report beside the published one (which stays as it was)."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
-        dst = out / FAILED[name]
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dst))
-        write_atomic(dst, text)
+        write_atomic(out / FAILED[name], text)  # a folder in the way: an error naming it
     return out / FAILED["report.html"]
 
 

@@ -18,7 +18,9 @@ from PIL import Image
 from torch import nn
 
 from edgebuild.cache import Cache
+from edgebuild.errors import EdgebuildError
 from edgebuild.profiles import ProfileRegistry
+from edgebuild.publish import write_atomic
 from edgebuild.stages import export as export_stage
 from edgebuild.stages import validate as validate_stage
 
@@ -231,8 +233,32 @@ def test_report_path_taken_by_a_folder_is_exit_2(tiny_project, cli):
     (tiny_project / "dist" / "report.json").mkdir(parents=True)
     (tiny_project / "dist" / "report.json" / "keep").write_text("x")
     code, out, err = cli("build", tiny_project / "edgebuild.yaml")
-    assert code == 2 and "Is a directory" in err and "report.json" in err.split("Is a directory")[0]
+    assert code == 2 and f"{tiny_project / 'dist' / 'report.json'}: Is a directory" in err and ".tmp" not in err
     assert "hint: " in err and "Traceback" not in err
+
+
+def test_write_atomic_over_a_folder_names_the_destination(tmp_path):
+    """EISDIR from the final rename: the error names the destination, not the temporary file,
+    and leaves no temporary file behind."""
+    dst = tmp_path / "report.json"
+    (dst / "keep").mkdir(parents=True)
+    with pytest.raises(EdgebuildError) as e:
+        write_atomic(dst, "{}")
+    assert e.value.exit_code == 2 and e.value.message.startswith(f"cannot write {dst}: Is a directory") and ".tmp" not in e.value.message
+    assert str(dst) in e.value.hint
+    assert os.listdir(tmp_path) == ["report.json"] and os.listdir(dst) == ["keep"]
+    with pytest.raises(FileNotFoundError) as e:  # any other error names the destination too
+        write_atomic(tmp_path / "gone" / "search.json", "{}")
+    assert e.value.filename == str(tmp_path / "gone" / "search.json")
+
+
+def test_failed_report_path_taken_by_a_folder_is_exit_2(tiny_project, cli):
+    """A gate fails, and the failed build's report cannot be written: exit 2 naming that path."""
+    (tiny_project / "dist" / "failed-report.json").mkdir(parents=True)
+    cfg = write_config(tiny_project, extra="budgets: {max_size_mb: 0.000001}\n")
+    code, out, err = cli("build", cfg)
+    assert code == 2 and f"error: cannot write {tiny_project / 'dist' / 'failed-report.json'}: Is a directory" in err
+    assert ".tmp" not in err and "hint: move the folder" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------ CI: a missing tool fails under CI=true
