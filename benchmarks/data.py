@@ -274,7 +274,9 @@ def render(res: dict) -> str:
         L += ["### Peak RSS of a whole cold build against dataset size", "",
               "160x160 RGB (200x200 JPEG sources), small CNN, finetune 1 epoch with augmentation, `val_split: 0.2`, "
               "targets x86-onnxruntime-fp32 + int8 (300 calibration images); peak RSS is the largest of the build process and its "
-              "descendants (`getrusage(RUSAGE_CHILDREN)`). The last column is what the old data stage held as one float32 array.", "",
+              "descendants (`getrusage(RUSAGE_CHILDREN)`). The last column is what the old data stage held as one float32 array. "
+              "Sizes are merged from separate runs (`--sizes`); build seconds depend on what else ran on the host then "
+              "(1000 and 6000 on one day's quiet host, 4000 and 8000 beside other jobs), peak RSS does not.", "",
               "| images | peak RSS | vs smallest | build s | old float32 array |", "|---:|---:|---:|---:|---:|"]
         rows = sorted(res["rss"].values(), key=lambda v: v["images"])
         for v in rows:
