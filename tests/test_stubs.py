@@ -184,25 +184,62 @@ def test_validate_runs_selftest_and_benchmark(dist, target):
 
 
 def test_manifest_is_complete(dist):
+    """Keys and values: every checksum and size against the files, preprocess, labels and the
+    input shape against the build file and the data, the shape also against the model file."""
+    import yaml
+
+    cfg = yaml.safe_load((EXAMPLE / "edgebuild.yaml").read_text(encoding="utf-8"))
+    classes = sorted(d.name for d in (EXAMPLE / cfg["data"]["train"]).iterdir() if d.is_dir())
+    channels = {"grayscale": 1, "rgb": 3}[cfg["preprocess"]["color"]]
     for target in HOST_TARGETS:
-        m = json.loads((bundle(dist, target) / "manifest.json").read_text(encoding="utf-8"))
-        assert m["schema"] == "edgebuild.bundle/1" and m["name"] == NAME and m["version"]
+        b = bundle(dist, target)
+        m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
+        assert m["schema"] == "edgebuild.bundle/1" and m["name"] == NAME and m["version"] == cfg["version"]
         assert m["target"]["name"] == target
         model = m["model"]
         assert {"file", "format", "precision", "inputs", "outputs"} <= set(model)
         for io_ in model["inputs"] + model["outputs"]:
             assert {"name", "shape", "dtype", "layout"} <= set(io_)
-        assert m["labels"] == (bundle(dist, target) / "labels.txt").read_text(encoding="utf-8").splitlines()
-        assert {"input_size", "color", "resize", "mean", "std"} <= set(m["preprocess"])
+        # labels: the data's classes (sorted folder names), in labels.txt too
+        assert m["labels"] == classes and (b / "labels.txt").read_text(encoding="utf-8").splitlines() == classes
+        # preprocess: exactly the build file's, plus the fixed layout and dtype
+        assert m["preprocess"] == {**cfg["preprocess"], "layout": "NCHW", "dtype": "float32"}, target
+        # shapes: the build file's input size and colour, the profile's batch, one logit per class
+        batch = m["target"]["batch"] if isinstance(m["target"]["batch"], int) else "N"
+        assert model["inputs"][0]["shape"] == [batch, channels, *cfg["preprocess"]["input_size"]], target
+        assert model["outputs"][0]["shape"] == [batch, len(classes)], target
+        assert _model_input_shape(b / model["file"])[1:] == [channels, *cfg["preprocess"]["input_size"]], target
         for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "latency_p50_ms", "latency_p90_ms",
                   "size_bytes", "macs", "params", "validation"):
             assert m["metrics"].get(k) is not None, (target, k)
+        # size: the model files' bytes on disk
+        assert m["metrics"]["size_bytes"] == sum((b / f).stat().st_size for f in model["files"]) > 0, target
         prov = m["provenance"]
         for k in ("config_sha256", "data_sha256", "backbone_weights_sha256", "seed", "packages", "git_commit"):
             assert k in prov, (target, k)
-        assert set(m["files"]) == {p.relative_to(bundle(dist, target)).as_posix() for p in bundle(dist, target).rglob("*")
-                                   if p.is_file() and p.name != "manifest.json"}
-        has_cpp = (bundle(dist, target) / "cpp" / "main.cpp").is_file()
+        assert prov["config_sha256"] == _sha256(EXAMPLE / "edgebuild.yaml") and prov["seed"] == cfg["seed"]
+        assert prov["backbone_weights_sha256"] == _sha256(EXAMPLE / cfg["backbone"]["weights"])
+        # files: every file of the bundle but the manifest, each with its real sha256
+        assert m["files"] == {p.relative_to(b).as_posix(): _sha256(p) for p in b.rglob("*") if p.is_file() and p.name != "manifest.json"}
+        has_cpp = (b / "cpp" / "main.cpp").is_file()
         assert has_cpp == ("openvino" in target)
-        readme = (bundle(dist, target) / "README.md").read_text(encoding="utf-8")
+        readme = (b / "README.md").read_text(encoding="utf-8")
         assert "pip install -r requirements.txt" in readme and "--selftest" in readme and "Validated figures" in readme
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _model_input_shape(path: Path) -> list:
+    """The model file's own input shape, read by its runtime (a dynamic dimension as a string)."""
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        return list(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape)
+    import openvino as ov
+
+    shape = ov.Core().read_model(str(path)).inputs[0].get_partial_shape()
+    return [d.get_length() if d.is_static else str(d) for d in shape]
