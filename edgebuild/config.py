@@ -8,30 +8,18 @@ Relative paths in the build file resolve against the build file's folder.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, closest, did_you_mean
+from .config_base import MAX_SIDE, Float, Int, Strict as _Strict, known_source
+from .config_compress import (  # noqa: F401 - the compress section, importable from here
+    CompressConfig, DistillConfig, PruneConfig, QATConfig, QuantizeConfig, SearchConfig)
+from .errors import ConfigError, closest
 from .loaders import read_yaml as _read_yaml  # noqa: F401 - profiles.py reads profiles with it
-
-
-def _number(v: Any) -> Any:
-    """YAML reads yes/no/on/off/true/false as booleans, and pydantic would take them as 1/0;
-    a number field refuses them (never rewrite a user's setting silently), and non-finite values."""
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got the boolean {str(v).lower()} (YAML reads yes/no/on/off as booleans)")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError("must be a finite number")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_number)]
-Float = Annotated[float, BeforeValidator(_number)]
 
 
 MIN_STD = 1e-3
@@ -52,10 +40,6 @@ def max_opset() -> int:
         return int(onnx.defs.onnx_opset_version())
     except ImportError:  # pragma: no cover - onnx is a dependency
         return 18
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,13 +64,7 @@ class BackboneConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        schemes = ("python", "hf", "timm", "torchvision")
-        scheme, sep, rest = v.partition(":")
-        if not sep or not rest:
-            raise ValueError(f"expected SCHEME:REFERENCE with SCHEME one of {', '.join(schemes)}")
-        if scheme not in schemes:
-            raise ValueError(f"unknown provider '{scheme}': {did_you_mean(scheme, schemes)}")
-        return v
+        return known_source(v)
 
 
 class DataConfig(_Strict):
@@ -115,8 +93,8 @@ class PreprocessConfig(_Strict):
     @field_validator("input_size")
     @classmethod
     def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not all(1 <= s <= 8192 for s in v):
-            raise ValueError("height and width must be between 1 and 8192")
+        if not all(1 <= s <= MAX_SIDE for s in v):
+            raise ValueError(f"height and width must be between 1 and {MAX_SIDE}")
         return v
 
     @field_validator("std")
@@ -193,70 +171,6 @@ class TransferConfig(_Strict):
         return a or None
 
 
-class PruneConfig(_Strict):
-    ratio: Float = Field(0.0, ge=0.0, lt=1.0)
-    importance: Literal["l1", "l2", "taylor"] = "l2"
-    scope: Literal["global", "uniform"] = "uniform"
-    keep: list[str] = Field(default_factory=list, description="module names never pruned (the new head always is)")
-    stage_ratios: dict[str, Float] = Field(default_factory=dict, description="per stage: module name -> its own ratio")
-    recover_epochs: Optional[Int] = Field(None, ge=0, le=10000, description="default: half the transfer epochs (at least 1)")
-    lr: Optional[Float] = Field(None, gt=0, le=10)
-
-    def effective_recover_epochs(self, transfer_epochs: int) -> int:
-        """recover_epochs, or half the transfer epochs (at least 1) when not set."""
-        return self.recover_epochs if self.recover_epochs is not None else max(1, (transfer_epochs + 1) // 2)
-
-
-class DistillConfig(_Strict):
-    temperature: Float = Field(4.0, gt=0, le=100)
-    alpha: Float = Field(0.5, ge=0, le=1)
-    student: Optional[str] = Field(None, description="a backbone source: the transferred model teaches this smaller model")
-    student_weights: Optional[str] = Field(None, description="the student's own starting weights (default: random init)")
-    student_classifier: Optional[str] = None
-    epochs: Optional[Int] = Field(None, ge=0, le=10000, description="student training epochs (default: transfer.epochs)")
-    lr: Optional[Float] = Field(None, gt=0, le=10, description="default: transfer.lr")
-
-    @field_validator("student")
-    @classmethod
-    def _student_source(cls, v: Optional[str]) -> Optional[str]:
-        return None if v is None else BackboneConfig._known_scheme(v)
-
-
-class QATConfig(_Strict):
-    epochs: Int = Field(3, ge=0, le=10000)
-    lr: Optional[Float] = Field(None, gt=0, le=10, description="default: transfer.lr / 10")
-    enabled: bool = Field(True, description="false: the accuracy guard never tries QAT (method: qat still does)")
-
-
-class QuantizeConfig(_Strict):
-    calibration_samples: Int = Field(300, ge=1, le=100000)
-    qat: QATConfig = Field(default_factory=QATConfig)
-
-
-class SearchConfig(_Strict):
-    """compress.search: the fastest candidate per target that meets every budget."""
-
-    prune_ratios: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7])
-    stage_ratios: list[dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]]] = Field(default_factory=list, description="more candidates: per-stage ratios")
-    importance: list[Literal["l1", "l2", "taylor"]] = Field(default_factory=lambda: ["l2"])
-    scope: list[Literal["global", "uniform"]] = Field(default_factory=lambda: ["uniform"])
-    precisions: Optional[list[Literal["fp32", "fp16", "int8", "int8-float-ends"]]] = Field(None, description="default: every one the runtime has")
-    max_candidates: Int = Field(48, ge=1, le=10000)
-    minutes: Float = Field(30.0, gt=0, le=10000)
-    finalists: Int = Field(3, ge=1, le=100, description="candidates per round of full recovery (successive halving)")
-    recover_epochs: Optional[Int] = Field(None, ge=0, le=10000, description="default: compress.prune.recover_epochs, else 2")
-    holdout: Float = Field(0.5, gt=0, le=1, description="part of val the proxy accuracy is scored on")
-    recalibration_samples: Int = Field(256, ge=1, le=100000, description="train images for the BatchNorm recalibration")
-    benchmark_seconds: Float = Field(1.5, gt=0, le=600)
-
-
-class CompressConfig(_Strict):
-    prune: Optional[PruneConfig] = None
-    distill: Optional[DistillConfig] = None
-    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    search: Optional[SearchConfig] = None
-
-
 class Budgets(_Strict):
     max_latency_ms: Optional[Float] = Field(None, gt=0, description="p90 latency on the target runtime")
     max_size_mb: Optional[Float] = Field(None, gt=0)
@@ -292,6 +206,15 @@ class BuildConfig(_Strict):
     @property
     def root(self) -> Path:
         return self.path.parent if self.path else Path.cwd()
+
+    def at_input_size(self, size) -> "BuildConfig":
+        """This build file with another preprocess.input_size (a target the search gave a smaller one)."""
+        size = (int(size[0]), int(size[1]))
+        if size == tuple(self.preprocess.input_size):
+            return self
+        out = self.model_copy(update={"preprocess": self.preprocess.model_copy(update={"input_size": size})})
+        out.path = self.path
+        return out
 
     def resolve(self, p: str | None) -> Path | None:
         if p is None:
