@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -35,6 +35,17 @@ class Data:
     Xval: store_mod.ImageArray
     Xtest: Optional[store_mod.ImageArray] = None
     split_fingerprints: dict = field(default_factory=dict)
+    resized: Optional[Callable[[tuple], "Data"]] = field(default=None, repr=False, compare=False)
+
+    def at(self, input_size) -> "Data":
+        """The same splits preprocessed at another input size: decoded from the images into that
+        size's own store, the same way (the store is keyed by the preprocessing)."""
+        size = (int(input_size[0]), int(input_size[1]))
+        if size == self.Xval.size:
+            return self
+        if self.resized is None:
+            raise ValueError("these splits were not made by dataset.prepare: no other input size")
+        return self.resized(size)
 
     @property
     def ytrain(self) -> np.ndarray:
@@ -107,20 +118,27 @@ def prepare(cfg: BuildConfig, cache_root: Path, progress=None, rebuild: bool = F
     memo.save()
     code = store_mod.code_sha256()
     fp = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in fps.items()).encode() + f"preprocess:{code}\n".encode()).hexdigest()
-    pp = cfg.preprocess
     rebuilt: set[str] = set()
 
-    def array(name: str, split: ImageFolder) -> store_mod.ImageArray:
+    def array(name: str, split: ImageFolder, pp) -> store_mod.ImageArray:
         key = store_mod.store_key(fps[name], pp.input_size, pp.color, pp.resize)
 
         def opener() -> store_mod.ImageStore:
             again = rebuild and key not in rebuilt
             rebuilt.add(key)
             return store_mod.open_or_build(root, key, split, pp.input_size, pp.color, pp.resize, d.workers, again, progress,
-                                           label=f"decoding {name} images")
+                                           label=f"decoding {name} images" + (f" at {pp.input_size[0]}x{pp.input_size[1]}" if tuple(pp.input_size) != tuple(cfg.preprocess.input_size) else ""))
         def existing() -> store_mod.ImageStore | None:
             return None if rebuild and key not in rebuilt else store_mod.open_existing(root, key)
         return store_mod.ImageArray(split, opener, pp.input_size, pp.color, pp.resize, pp.mean, pp.std, existing=existing)
 
-    return Data(src.classes, src.train, src.val, src.test, fp, src.record, array("train", src.train), array("val", src.val),
-                array("test", src.test) if src.test is not None else None, fps)
+    sizes: dict[tuple, Data] = {}
+
+    def at(size: tuple) -> Data:
+        if size not in sizes:
+            pp = cfg.preprocess.model_copy(update={"input_size": size})
+            sizes[size] = Data(src.classes, src.train, src.val, src.test, fp, src.record, array("train", src.train, pp), array("val", src.val, pp),
+                               array("test", src.test, pp) if src.test is not None else None, fps, resized=at)
+        return sizes[size]
+
+    return at(tuple(int(s) for s in cfg.preprocess.input_size))

@@ -41,7 +41,7 @@ from .stages import quantize as quantize_stage
 from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
 from . import report_data
-from .plan import Step, print_plan, plan_json, why
+from .plan import Step, print_plan, plan_json, prune_label, why
 from .plan import step as _step
 from .target_run import build_target
 
@@ -84,6 +84,8 @@ class Build:
         for n in names:
             self.profiles[n] = self.registry.get(n)
             check_input_fits(self.profiles[n], cfg.preprocess, self.registry.files.get(n))
+            for size in (cfg.compress.search.input_sizes if cfg.compress.search else []):  # the search's other input sizes, too
+                check_input_fits(self.profiles[n], cfg.at_input_size(size).preprocess, self.registry.files.get(n))
         refuse_missing_extras(self.profiles)
         if emulate and any(p.arch == "aarch64" for p in self.profiles.values()):
             from .emulate import check_host
@@ -93,6 +95,7 @@ class Build:
         self._force = not self.cache.enabled  # --force decodes the images again too
         self._models: dict[str, Any] = {}
         self.prune_for: dict[str, Any] = {}  # target -> the PruneConfig the search chose
+        self.size_for: dict[str, tuple[int, int]] = {}  # target -> the input size the search chose, where not the build's
         self.search: Optional[dict] = None
         self.stage_times: dict[str, float] = {}
         self.step_seconds: dict[tuple[str, str], float] = {}  # (stage, key): seconds this build spent on it
@@ -105,6 +108,22 @@ class Build:
         if self._data is None:
             self._data = prepare(self.cfg, self.cache.root, self.progress, rebuild=self._force and distributed.is_main())
         return self._data
+
+    def target_cfg(self, name: str) -> BuildConfig:
+        """The build file as one target's chain sees it: with the input size the search chose for it."""
+        return self.cfg.at_input_size(self.size_for[name]) if name in self.size_for else self.cfg
+
+    def data_for(self, name: str) -> Data:
+        """The splits preprocessed at the target's input size."""
+        return self.data().at(self.size_for[name]) if name in self.size_for else self.data()
+
+    def _model_choice(self, name: str, align: int) -> tuple[Optional[PruneConfig], Optional[tuple], tuple]:
+        """The prune setting and input size (None: the build's) a target's model is made with,
+        and the key of that model (targets with the same key share it)."""
+        pc, size = self.prune_for.get(name, self.cfg.compress.prune), self.size_for.get(name)
+        if size is not None and pc is None:
+            pc = PruneConfig()  # another input size: recovery at that size, without pruning
+        return pc, size, (align, json.dumps(pc.model_dump(), sort_keys=True) if pc else None, size)
 
     def _features_key(self, data: Data) -> str:
         """What the frozen backbone's features depend on: images, preprocessing, backbone, torch."""
@@ -155,15 +174,15 @@ class Build:
             steps.append(base)
         prune_steps: dict[tuple, Step] = {}  # per align and prune setting (the search picks one per target)
         for name, prof in self.profiles.items():
-            pc = self.prune_for.get(name, cfg.compress.prune)
-            pk = (prof.align, json.dumps(pc.model_dump(), sort_keys=True) if pc else None)
-            if pc is not None and (pc.ratio > 0 or pc.stage_ratios) and pk not in prune_steps:
-                prune_steps[pk] = self.prune_step(pc, prof.align, base.key)
+            pc, size, pk = self._model_choice(name, prof.align)
+            if pc is not None and (pc.ratio > 0 or pc.stage_ratios or size) and pk not in prune_steps:
+                prune_steps[pk] = self.prune_step(pc, prof.align, base.key, size)
                 steps.append(prune_steps[pk])
         for name, prof in self.profiles.items():
-            pc = self.prune_for.get(name, cfg.compress.prune)
-            model_step = prune_steps.get((prof.align, json.dumps(pc.model_dump(), sort_keys=True) if pc else None), base)
-            eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16"}
+            _, size, pk = self._model_choice(name, prof.align)
+            model_step = prune_steps.get(pk, base)
+            eparams = {"opset": prof.opset, "batch": prof.batch, "format": prof.format, "fp16_weights": prof.precision == "fp16",
+                       **({"input_size": list(size)} if size else {})}
             rt = adapter(prof.runtime)
             einputs = {"model": model_step.key, "torch": pv["torch"], "onnx": pv["onnx"], "onnxscript": pv["onnxscript"],
                        "runtime": rt.versions()}
@@ -197,12 +216,12 @@ class Build:
                                                   "--remeasure" if self.remeasure and s.stage == "validate" else why(self.cache, s, self.cfg.name))
         return steps
 
-    def prune_step(self, pc, align: int, model_key: str) -> Step:
+    def prune_step(self, pc, align: int, model_key: str, size: Optional[tuple] = None) -> Step:
         cfg, pv = self.cfg, {p: bundle_stage.pkg_version(p) for p in ("torch", "torch-pruning")}
         pparams = {"prune": pc.model_dump(), "distill": cfg.compress.distill.model_dump() if cfg.compress.distill else None,
                    "align": align, "seed": cfg.seed, "batch_size": cfg.transfer.batch_size, "lr": pc.lr or cfg.transfer.effective_lr,
                    "weight_decay": cfg.transfer.weight_decay, "optimizer": cfg.transfer.optimizer,
-                   "recover_epochs": pc.effective_recover_epochs(cfg.transfer.epochs)}
+                   "recover_epochs": pc.effective_recover_epochs(cfg.transfer.epochs), **({"input_size": list(size)} if size else {})}
         return _step(prune_stage, "", pparams, {"model": model_key, "data": self.data().fingerprint, "torch": pv["torch"], "torch-pruning": pv["torch-pruning"]})
 
     # ------------------------------------------------------------------ stage execution
@@ -218,7 +237,7 @@ class Build:
         return self._build_stage(step, build)
 
     def _build_stage(self, step: Step, build: Callable[[Path], Any]) -> Path:
-        label = f"{step.stage}" + (f" [{step.target}]" if step.target else "") + (f" [align {step.params['align']}]" if step.stage == "prune" else "")
+        label = f"{step.stage}" + (f" [{step.target}]" if step.target else "") + (f" [{prune_label(step.params)}]" if step.stage == "prune" else "")
         self.progress.log(f"running {label}")
         t0 = time.perf_counter()
         describe = {"name": self.cfg.name, "target": step.target, "params": step.params, "inputs": step.inputs}
@@ -226,6 +245,16 @@ class Build:
         self.stage_times[label] = time.perf_counter() - t0
         self.step_seconds[(step.stage, step.key)] = self.stage_times[label]
         return path
+
+    def prune_builder(self, pstep: Step, bstep: Step, bdir: Path, bmeta: dict) -> Callable[[Path], Any]:
+        """What builds a prune step's entry: pruning and recovery of the base model at the step's
+        input size (the build's, or the one the search chose for its targets)."""
+        def build(out: Path) -> None:
+            pcfg = prune_stage.with_prune(self.cfg.at_input_size(pstep.params.get("input_size") or self.cfg.preprocess.input_size),
+                                          PruneConfig(**pstep.params["prune"]))
+            prune_stage.run(pcfg, self.data().at(pcfg.preprocess.input_size), self._torch_model(bstep, bdir), bmeta, pstep.params["align"], out,
+                            self.progress, transfer_stage.example_input(pcfg))
+        return build
 
     def _torch_model(self, step: Step, entry: Path):
         if step.key not in self._models:
@@ -289,10 +318,7 @@ class Build:
             steps = search_stage.run(self, bstep, bdir, bmeta, fp32_acc, example)
             by = {(s.stage, s.target): s for s in steps}
         for pstep in (s for s in steps if s.stage == "prune"):
-            def do_prune(out, pstep=pstep):
-                pcfg = prune_stage.with_prune(cfg, PruneConfig(**pstep.params["prune"]))
-                prune_stage.run(pcfg, data, self._torch_model(bstep, bdir), bmeta, pstep.params["align"], out, self.progress, example)
-            pdir = self._stage(pstep, do_prune, shared=True)
+            pdir = self._stage(pstep, self.prune_builder(pstep, bstep, bdir, bmeta), shared=True)
             if not distributed.is_main():
                 continue
             pmeta = json.loads((pdir / "meta.json").read_text())
@@ -303,7 +329,7 @@ class Build:
         # the transfer model's latency is measured beside the pruned one's where there is one
         tlat = bmeta["teacher"]["host_latency"] if bstep is not tstep else next((m["meta"].get("host_latency_before") for m in models.values() if m["step"] is not tstep), None)
         stage_rows = [self._stage_row("transfer", "", tstep, tdir, tmeta, example, tlat)]
-        stage_rows += [self._stage_row(m["step"].stage, f"align {m['step'].params['align']}" if m["step"].stage == "prune" else f"student {bmeta['student']}",
+        stage_rows += [self._stage_row(m["step"].stage, prune_label(m["step"].params) if m["step"].stage == "prune" else f"student {bmeta['student']}",
                                        m["step"], m["dir"], m["meta"], example) for k, m in models.items() if k != tstep.key]
         self.distillation = distill_stage.side_by_side(bmeta) if bstep is not tstep else None
 
@@ -326,7 +352,7 @@ class Build:
             report["warnings"] = warnings_
             report["transfer"]["near_chance"] = near_chance
             report["data"] = data.record
-            report["compression"] = {f"align {m['step'].params['align']}": manifest_mod.compression(m["meta"]) for m in models.values() if m["step"].stage == "prune"} or None
+            report["compression"] = {prune_label(m["step"].params): manifest_mod.compression(m["meta"]) for m in models.values() if m["step"].stage == "prune"} or None
             report["distillation"] = self.distillation
             report["search"] = self.search
             failed = [r for r in gate_rows if r["verdict"] == "FAIL"]

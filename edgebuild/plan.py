@@ -77,6 +77,12 @@ def why(cache, step: Step, name: str) -> str:
     return "changed: " + ", ".join(changed) if changed else "changed"
 
 
+def prune_label(params: dict) -> str:
+    """A prune step as stage tables name it: its align, and its input size where not the build's."""
+    size = params.get("input_size")
+    return f"align {params['align']}" + (f", input {size[0]}x{size[1]}" if size else "")
+
+
 def print_plan(progress, name: str, n_targets: int, steps: list[Step]) -> None:
     progress.log(f"plan for {name} ({n_targets} target(s)):")
     also = {}
@@ -86,7 +92,7 @@ def print_plan(progress, name: str, n_targets: int, steps: list[Step]) -> None:
     for s in steps:
         if s.same_as:
             continue  # another target's step with the same key: built (or read) once
-        label = s.stage + (f" [{s.target}]" if s.target else " [shared]") + (f" align {s.params['align']}" if s.stage == "prune" else "")
+        label = s.stage + (f" [{s.target}]" if s.target else " [shared]") + (f" {prune_label(s.params)}" if s.stage == "prune" else "")
         shared = also.get((s.stage, s.target))
         note = f" (also for {', '.join(shared)})" if shared else ""
         progress.log(f"  {label:<48} {'cached' if s.cached else 'run'}{'' if s.cached else ' (' + s.reason + ')'}{note}")

@@ -100,7 +100,7 @@ def search_svg(group: dict, width: int = 720, height: int = 320) -> str:
     """One search group's candidates: p50 latency (x, log) against accuracy (final where the
     candidate had full recovery, else proxy). Pareto-front points in colour, dominated ones grey,
     the chosen one ringed."""
-    rows = group.get("candidates") or []
+    rows = [r for r in group.get("candidates") or [] if not r.get("failed")]
     if not rows:
         return '<p class="notrun">no candidate measured</p>'
     acc = [r["final_accuracy"] if r.get("final_accuracy") is not None else r["proxy_accuracy"] for r in rows]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .plan import Step, plan_json
+from .plan import Step, plan_json, prune_label
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Build
@@ -59,7 +59,7 @@ def curves(b: "Build", tmeta: dict, steps: list[Step]) -> dict:
         except (OSError, ValueError):
             hist = None
         if hist:
-            out[f"prune recovery (align {s.params.get('align')})"] = hist
+            out[f"prune recovery ({prune_label(s.params)})"] = hist
     return {k: v for k, v in out.items() if v}
 
 

@@ -19,6 +19,7 @@ from .runtimes import adapter
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
 from .stages import quantize as quantize_stage
+from .stages import transfer as transfer_stage
 from .stages import validate as validate_stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +36,9 @@ class TargetResult:
 
 def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: dict, example: Any, tmeta: dict,
                  fp32_acc: float, calib_idx: np.ndarray, staging: Path) -> TargetResult:
-    cfg, data = b.cfg, b.data()
+    cfg, data = b.target_cfg(name), b.data_for(name)  # at the input size the search chose for this target
+    if name in b.size_for and example is not None:
+        example = transfer_stage.example_input(cfg)
     estep = by[("export", name)]
     src = models[estep.inputs["model"]]
     mstep, mdir, mmeta, mref = src["step"], src["dir"], src["meta"], src["ref_logits"]
@@ -75,7 +78,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
         if b.emulate and m["status"] == "not run" and not vstep.params.get("emulate") and prof.arch == "aarch64":
             m["reason"] += f"; --emulate covers only runtimes with aarch64 Linux wheels in the root (onnxruntime, litert), not {prof.runtime}"
         if vstep.params.get("emulate") and m["status"] == "not run":
-            m = _emulated(b, prof, eprof, artifact, m, outputs, golden, out, tmeta, precision_meta, calib_idx, mmeta, effective, mref)
+            m = _emulated(b, name, prof, eprof, artifact, m, outputs, golden, out, tmeta, precision_meta, calib_idx, mmeta, effective, mref)
         (out / "metrics.json").write_text(json.dumps(m, indent=2))
         np.save(out / "golden_outputs.npy", outputs)
         (out / "golden_source.txt").write_text(source)
@@ -94,9 +97,15 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     g = next((g for g in ((b.search or {}).get("groups") or []) if name in g["targets"]), None) if getattr(b, "search", None) else None
     if g is not None and g.get("chosen") is not None:  # the search picked this target's prune setting and precision
         c = g["candidates"][g["chosen"]]
-        manifest["search"] = {"chosen": {k: c[k] for k in ("label", "prune", "precision", "p50_ms", "p90_ms", "proxy_accuracy", "final_accuracy", "latency_source")},
+        manifest["search"] = {"chosen": {k: c.get(k) for k in ("label", "prune", "precision", "input_size", "p50_ms", "p90_ms", "proxy_accuracy", "final_accuracy",
+                                                              "latency_source")},
                               "why": g.get("why"), "candidates": len(g["candidates"]), "finalists": g["finalists"],
                               "rank_correlation_proxy_final": g["rank_correlation_proxy_final"], "details": "dist/search.json"}
+        if name in b.size_for:
+            h, w = b.size_for[name]
+            manifest["search"]["input_size"] = (f"the search chose input {h}x{w}, not the build file's preprocess.input_size "
+                                                f"{b.cfg.preprocess.input_size[0]}x{b.cfg.preprocess.input_size[1]}: this bundle's model, preprocessing, "
+                                                "calibration, validation and self-test all use it")
     manifest["model"].update(adapter(prof.runtime).manifest_extra(prof, artifact))
     source = vdir / "golden_source.txt"
     manifest["selftest_reference"] = source.read_text() if source.is_file() else None
@@ -107,7 +116,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
                  "host_latency_p50_ms": metrics.get("latency_p50_ms"), "host_latency_p90_ms": metrics.get("latency_p90_ms"),
                  "latency_runtime": (metrics.get("settings") or {}).get("runtime"),
                  "status": metrics["status"], "reason": metrics.get("reason")}
-    report = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name,
+    report = {"profile": prof.model_dump(), "metrics": metrics, "gates": rows, "bundle": bundle_name, "input_size": list(cfg.preprocess.input_size),
               "precision": {"requested": prof.precision, "effective": effective},
               "quantization": precision_meta or None,
               "compression": mmeta if mstep.stage == "prune" else None,
@@ -115,13 +124,13 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     return TargetResult(report, rows, stage_row, bundle_name)
 
 
-def _emulated(b: "Build", prof: TargetProfile, eprof: TargetProfile, artifact: Path, m: dict, outputs, golden, out: Path,
+def _emulated(b: "Build", name: str, prof: TargetProfile, eprof: TargetProfile, artifact: Path, m: dict, outputs, golden, out: Path,
               tmeta: dict, precision_meta: dict, calib_idx, mmeta: dict, effective: str, mref) -> dict:
     """Validate a foreign-arch target under qemu-user: a draft of its bundle (the same files the
     real one gets) runs its own infer.py in the arm64 root. Latency stays unmeasured."""
     from . import emulate
 
-    cfg, data = b.cfg, b.data()
+    cfg, data = b.target_cfg(name), b.data_for(name)
     draft = out / "emulated-bundle"
     draft.mkdir()
     manifest = manifest_mod.build_manifest(cfg, prof, m, tmeta, precision_meta, data, calib_idx, [], mmeta=mmeta, effective=effective)
