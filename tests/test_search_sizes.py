@@ -1,6 +1,7 @@
 """compress.search.input_sizes: input resolution as a search dimension, real end to end (the
 data decoded at that size, BatchNorm recalibrated, exported and timed at it; the chosen
-target's whole chain at it), a model that cannot take another size, config errors."""
+target's whole chain at it), a model that cannot take another size, config errors; and the
+search's artifacts for a format that ships another file than the export (ONNX Runtime Mobile)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,31 @@ def test_candidates_and_labels_span_the_input_sizes(tiny_project):
     assert "input_size" not in cs[0]  # the build's size: the same cache key as before sizes were searched
     assert search_stage.prune_config(cfg, cs[0], 1) is None and search_stage.prune_config(cfg, cs[1], 1).ratio == 0.0  # recovery at 12x12
     assert cfg.at_input_size((12, 12)).preprocess.input_size == (12, 12) and cfg.preprocess.input_size == (16, 16)
+
+
+def test_ort_format_candidates_keep_what_the_export_stage_keeps(tmp_path):
+    """An ONNX Runtime Mobile profile ships model.ort; an fp32/fp16 candidate's folder holds every
+    file the export writes (the .ort, its ONNX source and the usability report), as int8 ones do,
+    and runs on this host."""
+    import torch
+    from torch import nn
+    from edgebuild.profiles import ProfileRegistry
+    from edgebuild.runtimes import adapter
+
+    prof = ProfileRegistry([]).get("android-arm64-onnxruntime-mobile-int8")
+    assert prof.format == "ort"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    X = np.random.default_rng(0).standard_normal((24, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        y = m(torch.as_tensor(X)).argmax(1).numpy()
+    for precision in ("fp32", "int8"):
+        with tempfile.TemporaryDirectory(dir=tmp_path) as t:
+            art = Path(t)
+            ran = search_stage.artifact(m, torch.zeros(1, 1, 16, 16), prof, precision, X, art)
+            kept = adapter("onnxruntime").artifact_files(prof.model_copy(update={"precision": ran}))
+            assert set(kept) <= {f.name for f in art.iterdir()}, (precision, sorted(f.name for f in art.iterdir()))
+            r = search_stage.measure(prof, art, ran, X, y, 0.1)
+            assert r["latency_source"].startswith("estimate") and r["size_bytes"] > 0
+            if precision == "fp32":
+                assert r["accuracy"] == 1.0  # the .ort file is the model, unchanged

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -155,13 +154,12 @@ def proxy_model(base: nn.Module, c: dict, align: int, head: str | None, data, ex
 def artifact(model: nn.Module, example: torch.Tensor, prof, precision: str, calib: np.ndarray, out: Path) -> str:
     """Export (and quantize) ``model`` for ``prof`` into ``out``; returns the precision to run it at."""
     eprof = prof.model_copy(update={"precision": "fp16" if precision == "fp16" else "fp32"})
+    if not precision.startswith("int8"):  # the export is the artifact: every file it writes, as the export stage keeps them
+        export_stage.run(model, example, eprof, out)
+        return precision
     src = out / "export"
     src.mkdir()
     export_stage.run(model, example, eprof, src)
-    if not precision.startswith("int8"):
-        for f in export_stage.model_files(eprof):
-            shutil.move(str(src / f), str(out / f))
-        return precision
     qprof = prof.model_copy(update={"precision": "int8"})
     adapter(prof.runtime).quantize(qprof, src, out, calib, {"float_layers": precision == "int8-float-ends"}, None)
     return "int8"
