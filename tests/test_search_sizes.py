@@ -49,7 +49,6 @@ def _build(root, extra, targets="[x86-onnxruntime-fp32]", size=None):
     return Build(load_build_config(p), out=root / "dist").run()
 
 
-@pytest.mark.slow
 def test_a_smaller_input_size_is_chosen_and_the_whole_chain_uses_it(tiny_project):
     from edgebuild.preprocess import load_image
     import onnxruntime as ort
