@@ -59,3 +59,27 @@ def test_model_files_identical_without_the_flag(tiny_project, cli, tmp_path, mon
     assert differing <= {"manifest.json", "README.md"}, differing
     m = json.loads((outs[0] / "manifest.json").read_text())
     assert m["metrics"]["latency_p50_ms"] > 0
+
+
+def test_coreml_packages_are_byte_identical(tmp_path, cli, monkeypatch):
+    """Core ML: two cold builds give the same .mlpackage and archive bytes. coremltools keys the
+    package's items by random UUIDs in Manifest.json; the adapter derives them from the items'
+    paths, and the package still reads back as the same ML Program."""
+    import coremltools as ct
+
+    outs = []
+    for i in range(2):
+        root = make_tiny_project(tmp_path / f"p{i}")
+        write_config(root, targets="[ios-coreml-fp16]")
+        monkeypatch.setenv("EDGEBUILD_CACHE_DIR", str(tmp_path / f"cold-cache-{i}"))
+        code, _, err = cli("build", root / "edgebuild.yaml", "--reproducible")
+        assert code == 0, err
+        outs.append(root / "dist")
+    name = "tiny-ios-coreml-fp16"
+    a, b = digests(outs[0] / name), digests(outs[1] / name)
+    assert "model.mlpackage/Manifest.json" in a and a == b, {k for k in a if a[k] != b.get(k)}
+    assert (outs[0] / f"{name}.tar.gz").read_bytes() == (outs[1] / f"{name}.tar.gz").read_bytes()
+    manifest = json.loads((outs[0] / name / "model.mlpackage" / "Manifest.json").read_text())
+    assert manifest["rootModelIdentifier"] in manifest["itemInfoEntries"] and len(manifest["itemInfoEntries"]) == 2
+    spec = ct.utils.load_spec(str(outs[0] / name / "model.mlpackage"))
+    assert spec.WhichOneof("Type") == "mlProgram" and [o.name for o in spec.description.output] == ["logits"]

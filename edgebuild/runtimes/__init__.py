@@ -107,6 +107,7 @@ class Adapter:
     accuracy_control = False  # quantize() accepts an accuracy-control callback (NNCF)
     qat = False  # edgebuild.qat can export a quantization-aware trained model to this runtime
     emulatable = False  # its bundle runs on aarch64 Linux (wheels exist), so --emulate can validate it
+    revision = 0  # bump when this adapter's files change for the same inputs (keys its cached steps)
 
     def missing(self) -> str | None:
         """Why this runtime cannot be used at all here (its extra is not installed), or None.
@@ -128,7 +129,7 @@ class Adapter:
     def versions(self) -> list:
         from ..stages.bundle import pkg_version
 
-        return [pkg_version(p) for p in self.packages]
+        return [pkg_version(p) for p in self.packages] + ([f"{self.name} adapter revision {self.revision}"] if self.revision else [])
 
     def model_files(self, profile: TargetProfile) -> list[str]:
         raise NotImplementedError

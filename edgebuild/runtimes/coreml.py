@@ -2,13 +2,19 @@
 (.mlpackage, fp16 or fp32 compute precision, iOS 16+); int8 by Core ML's own linear weight
 quantization (``coremltools.optimize.coreml.linear_quantize_weights``, per-channel symmetric).
 Core ML runs only on Apple platforms: elsewhere validation is "not run: needs macOS", and the
-bundle's golden outputs are the PyTorch reference's. Needs the ``coreml`` extra."""
+bundle's golden outputs are the PyTorch reference's. Needs the ``coreml`` extra.
+
+Reproducible packages: coremltools names a package's items by random UUIDs in its
+``Manifest.json`` (model spec and weights are otherwise byte-identical run to run); they are
+replaced by UUIDs derived from each item's path, so the same model gives the same bytes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,7 @@ class CoreMlAdapter(Adapter):
     modules = ("coremltools",)
     packages = ("coremltools",)
     package = "coremltools"
+    revision = 1  # 1: Manifest.json item identifiers derived from their paths, not random
 
     def model_files(self, profile: TargetProfile) -> list[str]:
         return [PACKAGE]
@@ -63,7 +70,7 @@ class CoreMlAdapter(Adapter):
             ml.save(str(out / PACKAGE))
 
         _, seconds = convert(model, example, profile.batch, "Core ML conversion", run)
-        _drop_debug_files(out / PACKAGE)
+        normalise(out / PACKAGE)
         return {"format": "mlpackage", "tool": f"coremltools.convert (mlprogram, {DEPLOYMENT_TARGET})",
                 "compute_precision": "fp16" if profile.precision == "fp16" else "fp32", "seconds": seconds,
                 "bytes": sum(p.stat().st_size for p in (out / PACKAGE).rglob("*") if p.is_file())}
@@ -83,7 +90,7 @@ class CoreMlAdapter(Adapter):
         except Exception as e:
             raise ModelError(f"Core ML weight quantization failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                              hint="use the fp16 Core ML target") from e
-        _drop_debug_files(dst / PACKAGE)
+        normalise(dst / PACKAGE)
         return {"tool": "coremltools.optimize.coreml.linear_quantize_weights", "weights": "int8 (linear symmetric, per-channel)",
                 "activations": "float (Core ML has no calibrated activation quantization here)", "seconds": time.perf_counter() - t0}
 
@@ -100,11 +107,24 @@ class CoreMlAdapter(Adapter):
         return CoreMlRunner(artifact_dir / PACKAGE, profile)
 
 
-def _drop_debug_files(package: Path) -> None:
-    """coremltools writes a debug-handle map beside the manifest when ExecuTorch is installed; it
-    is not part of the model and would make the artifact depend on what else is installed."""
+def normalise(package: Path) -> None:
+    """Make a saved .mlpackage a function of the model alone.
+
+    coremltools writes a debug-handle map beside the manifest when ExecuTorch is installed; it
+    is not part of the model and would make the artifact depend on what else is installed: it
+    goes. ``Manifest.json`` keys each item (model spec, weights) by a random UUID; each becomes
+    a UUID derived from the item's path in the package (unique there, as the format needs), and
+    the file is written as coremltools' own writer does (4-space indent, sorted keys)."""
     for p in package.glob("executorch_debug_handle_mapping.json"):
         p.unlink()
+    path = package / "Manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    entries = manifest.get("itemInfoEntries", {})
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"edgebuild:mlpackage:{entry['path']}")) for old, entry in entries.items()}
+    manifest["itemInfoEntries"] = {ids[old]: entry for old, entry in entries.items()}
+    if manifest.get("rootModelIdentifier") in ids:
+        manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+    path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 ADAPTER = CoreMlAdapter()
