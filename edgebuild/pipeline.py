@@ -28,7 +28,7 @@ from . import manifest as manifest_mod
 from . import publish as publish_mod
 from . import qat as qat_mod
 from .locks import FileLock
-from .errors import EdgebuildError, GateFailed
+from .errors import GateFailed
 from .profiles import ProfileRegistry, check_input_fits, refuse_missing_extras, unavailable_reason, unavailable_reason_memo
 from .runtimes import adapter
 from .progress import Progress
@@ -380,24 +380,6 @@ class Build:
         if not self.cache.enabled or self.remeasure:
             return unavailable_reason(prof)
         return unavailable_reason_memo(prof, self.cache.root / "host-devices.json")
-
-    def _golden_outputs(self, prof: TargetProfile, artifact: Path, x: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
-        """Outputs the artifact gives for the golden inputs on this host (the CPU of the same
-        runtime when the target's own device is absent), and where they came from. Where the
-        runtime cannot run on this OS at all (Core ML off macOS), the PyTorch reference's."""
-        from .runtimes import open_runner
-
-        p = prof
-        if unavailable_reason(prof):
-            p = prof.model_copy(update={"device": "CPU", "arch": "any"})
-            if unavailable_reason(p):
-                from .runtimes import adapter
-
-                why = adapter(prof.runtime).platform_reason(prof)
-                if why:
-                    return reference, f"PyTorch reference (the runtime cannot run here: {why})"
-                raise EdgebuildError(f"cannot compute golden outputs for {prof.name}: {unavailable_reason(p)}", hint="install the target's runtime on the build host")
-        return open_runner(p, artifact).run(x), f"{prof.runtime} on this host's CPU"
 
     def dry_run(self) -> list[dict]:
         """The plan, printed, without running anything."""

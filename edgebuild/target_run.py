@@ -15,7 +15,9 @@ from . import budgets as budgets_mod
 from . import manifest as manifest_mod
 from . import qat as qat_mod
 from .config import TargetProfile
-from .runtimes import adapter
+from .errors import EdgebuildError
+from .profiles import unavailable_reason
+from .runtimes import adapter, open_runner
 from .stages import bundle as bundle_stage
 from .stages import export as export_stage
 from .stages import quantize as quantize_stage
@@ -74,7 +76,7 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
     def do_validate(out):
         m = validate_stage.run(eprof, artifact, eprof.precision, data.Xval, data.yval, mref, b.progress, Xtest=data.Xtest, ytest=data.ytest)
         m["opset"] = export_stage.opset_of(artifact, edir)
-        outputs, source = b._golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
+        outputs, source = golden_outputs(eprof, artifact, data.Xval[golden], mref[golden])
         if b.emulate and m["status"] == "not run" and not vstep.params.get("emulate") and prof.arch == "aarch64":
             m["reason"] += f"; --emulate covers only runtimes with aarch64 Linux wheels in the root (onnxruntime, litert), not {prof.runtime}"
         if vstep.params.get("emulate") and m["status"] == "not run":
@@ -122,6 +124,21 @@ def build_target(b: "Build", name: str, prof: TargetProfile, by: dict, models: d
               "compression": mmeta if mstep.stage == "prune" else None,
               "status": "not run" if metrics["status"] not in ("measured", "emulated") else ("FAIL" if any(r["verdict"] == "FAIL" for r in rows) else "pass")}
     return TargetResult(report, rows, stage_row, bundle_name)
+
+
+def golden_outputs(prof: TargetProfile, artifact: Path, x: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
+    """Outputs the artifact gives for the golden inputs on this host (the CPU of the same
+    runtime when the target's own device is absent), and where they came from. Where the
+    runtime cannot run on this OS at all (Core ML off macOS), the PyTorch reference's."""
+    p = prof
+    if unavailable_reason(prof):
+        p = prof.model_copy(update={"device": "CPU", "arch": "any"})
+        if unavailable_reason(p):
+            why = adapter(prof.runtime).platform_reason(prof)
+            if why:
+                return reference, f"PyTorch reference (the runtime cannot run here: {why})"
+            raise EdgebuildError(f"cannot compute golden outputs for {prof.name}: {unavailable_reason(p)}", hint="install the target's runtime on the build host")
+    return open_runner(p, artifact).run(x), f"{prof.runtime} on this host's CPU"
 
 
 def _emulated(b: "Build", name: str, prof: TargetProfile, eprof: TargetProfile, artifact: Path, m: dict, outputs, golden, out: Path,
