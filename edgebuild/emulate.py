@@ -60,11 +60,15 @@ def check_host() -> None:
                              hint="sudo mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && sudo update-binfmts --enable qemu-aarch64")
 
 
-def chroot(root: Path, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run ``argv`` inside the root, in a private mount namespace with only /proc mounted."""
+def in_root(root: Path, argv: list[str]) -> list[str]:
+    """The command that runs ``argv`` inside the root, in a private mount namespace with only /proc mounted."""
     script = 'mount -t proc proc "$1/proc" && r="$1" && shift && exec chroot "$r" "$@"'
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *argv]
-    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=CHROOT_ENV)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *argv]
+
+
+def chroot(root: Path, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run ``argv`` inside the root (in_root) to the end."""
+    return subprocess.run(in_root(root, argv), input=stdin, capture_output=True, timeout=timeout, env=CHROOT_ENV)
 
 
 def _step(progress, what: str, cmd: list[str], *, total: int, root: Path | None = None, timeout: float = 3600) -> float:
@@ -73,8 +77,7 @@ def _step(progress, what: str, cmd: list[str], *, total: int, root: Path | None 
 
     t0 = time.perf_counter()
     if root is not None:
-        script = 'mount -t proc proc "$1/proc" && r="$1" && shift && exec chroot "$r" "$@"'
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *cmd]
+        cmd = in_root(root, cmd)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=CHROOT_ENV, text=True, errors="replace")
     tail: list[str] = []
     with (progress.task(what, total) if progress else contextlib.nullcontext()) as task:
@@ -157,15 +160,112 @@ def install_requirements(root: Path, requirements: Path, progress=None) -> float
     return seconds
 
 
-EVAL = ("import platform, sys, numpy as np; sys.path.insert(0, sys.argv[1]); import infer; "
-        "np.save(sys.argv[3], np.asarray(infer.Model()(np.load(sys.argv[2])), dtype=np.float32)); print(platform.machine())")
+CHUNK_IMAGES = 64  # validation images per file handed to the root: host memory is bounded by this, not by len(X)
+STALL_SECONDS = 3600  # the eval process is killed when no chunk finishes for this long
+
+# One process in the root: the bundle's Model is made once (python's start under qemu is slow),
+# then each chunk number read from stdin is run from work/x-I.npy into work/y-I.npy.
+EVAL = """\
+import os, platform, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import infer
+model, work = infer.Model(), sys.argv[2]
+for line in sys.stdin:
+    i = line.strip()
+    x = np.load(os.path.join(work, "x-%s.npy" % i))
+    np.save(os.path.join(work, "y-%s.npy" % i), np.asarray(model(x), dtype=np.float32))
+    print("edgebuild-done " + i, flush=True)
+print("edgebuild-machine " + platform.machine(), flush=True)
+"""
 
 
-def run_bundle(bundle: Path, X, cache_root: Path, progress=None, log=print) -> dict:
-    """Run a bundle's own infer.py in the arm64 root: ``--selftest``, then its Model on ``X``."""
-    import tempfile
+def stream_logits(command: list[str], X, work: Path, chunk: int = CHUNK_IMAGES, progress=None, what: str = "emulation: logits",
+                  stall_seconds: float = STALL_SECONDS) -> tuple:
+    """Logits of EVAL's process (started by ``command``, which sees ``work`` as the folder in its
+    argv) on ``X``: an array or a store.ImageArray, sliced ``chunk`` images at a time and converted
+    to float32 one chunk at a time. Chunk I+1 is written while the process runs chunk I, and each
+    chunk's files are removed once its logits are read, so memory and disk hold about two chunks
+    whatever len(X). Returns (logits, the process's platform.machine(), seconds)."""
+    import contextlib
+    import threading
 
     import numpy as np
+
+    n = len(X)
+    total = -(-n // chunk)
+    out = np.zeros((0,), np.float32)
+    machine, done, stalled = None, 0, []
+    with open(work / "eval.stderr", "w+b") as err, (progress.task(what, total) if progress else contextlib.nullcontext()) as task:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=CHROOT_ENV)
+        timer = None
+
+        def feed(i: int) -> None:
+            np.save(work / f"x-{i}.npy", np.ascontiguousarray(X[i * chunk : (i + 1) * chunk], dtype=np.float32))
+            proc.stdin.write(f"{i}\n".encode())
+            proc.stdin.flush()
+
+        def watch() -> None:  # (re)start the stall clock
+            nonlocal timer
+            if timer:
+                timer.cancel()
+            timer = threading.Timer(stall_seconds, lambda: (stalled.append(1), proc.kill()))
+            timer.daemon = True
+            timer.start()
+
+        try:
+            with contextlib.suppress(BrokenPipeError):  # a process that died is reported from its exit status below
+                if total:
+                    feed(0)
+                for i in range(total):
+                    if i + 1 < total:
+                        feed(i + 1)  # written while the process runs chunk i
+                    else:
+                        proc.stdin.close()
+                    watch()
+                    line = proc.stdout.readline()
+                    while line and not line.startswith(b"edgebuild-done "):  # whatever else the Model prints
+                        line = proc.stdout.readline()
+                    if line.strip() != f"edgebuild-done {i}".encode():
+                        break
+                    y = np.load(work / f"y-{i}.npy")
+                    if not done:
+                        out = np.empty((n, *y.shape[1:]), np.float32)
+                    out[i * chunk : i * chunk + len(y)] = y
+                    (work / f"x-{i}.npy").unlink()
+                    (work / f"y-{i}.npy").unlink()
+                    done += 1
+                    if task:
+                        task.update(done, f"{min(n, done * chunk)}/{n} images")
+                if not proc.stdin.closed:
+                    proc.stdin.close()
+            watch()
+            for line in proc.stdout:
+                if line.startswith(b"edgebuild-machine "):
+                    machine = line.split(b" ", 1)[1].decode().strip()
+            rc = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        seconds = time.perf_counter() - t0
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+    hint = "run 'edgebuild validate --emulate BUNDLE' to see the self-test's output"
+    if stalled:
+        raise EmulationError(f"the bundle's infer.py stalled under emulation: no chunk of {chunk} images finished in {stall_seconds:.0f} s", hint=hint)
+    if rc != 0 or done < total:
+        raise EmulationError(f"the bundle's infer.py failed under emulation: {(tail or [f'exit {rc}'])[0][:300]}", hint=hint)
+    return out, machine, seconds
+
+
+def run_bundle(bundle: Path, X, cache_root: Path, progress=None, log=print, chunk: int = CHUNK_IMAGES) -> dict:
+    """Run a bundle's own infer.py in the arm64 root: ``--selftest``, then its Model on ``X``
+    (one process, ``chunk`` images at a time: stream_logits)."""
+    import tempfile
 
     root, setup = ensure_root(cache_root, progress, log)
     install = install_requirements(root, bundle / "requirements.txt", progress)
@@ -174,26 +274,20 @@ def run_bundle(bundle: Path, X, cache_root: Path, progress=None, log=print) -> d
     py = f"{VENV}/bin/python"
     try:
         shutil.copytree(bundle, work / "bundle")
-        np.save(work / "x.npy", np.ascontiguousarray(X, dtype=np.float32))
         t0 = time.perf_counter()
         st = chroot(root, [py, f"{inside}/bundle/infer.py", "--selftest"], timeout=3600)
         selftest_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev = chroot(root, [py, "-c", EVAL, f"{inside}/bundle", f"{inside}/x.npy", f"{inside}/logits.npy"], timeout=3600)
-        eval_s = time.perf_counter() - t0
-        if ev.returncode != 0:
-            tail = ev.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {ev.returncode}"]
-            raise EmulationError(f"the bundle's infer.py failed under emulation: {tail[0][:300]}",
-                                 hint="run 'edgebuild validate --emulate BUNDLE' to see the self-test's output")
-        logits = np.load(work / "logits.npy")
+        logits, machine, eval_s = stream_logits(in_root(root, [py, "-c", EVAL, f"{inside}/bundle", inside]), X, work, chunk, progress,
+                                                f"emulation: {bundle.name} on {len(X)} images ({chunk} per chunk)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = (st.stdout + st.stderr).decode(errors="replace").strip()
     return {"selftest": "passed" if st.returncode == 0 else "FAILED", "selftest_output": out[-2000:], "logits": logits,
-            "emulation": {"how": VALIDATION, "machine": ev.stdout.decode().strip().splitlines()[-1], "qemu": setup.get("qemu"),
+            "emulation": {"how": VALIDATION, "machine": machine, "qemu": setup.get("qemu"),
                           "root": f"debian {SUITE} {DEB_ARCH} (debootstrap minbase)", "root_setup_seconds": setup.get("setup_seconds"),
                           "requirements_install_seconds": round(install, 1), "selftest_seconds": round(selftest_s, 2),
-                          "eval_seconds": round(eval_s, 2), "seconds_per_image": round(eval_s / max(len(X), 1), 4), "images": int(len(X))}}
+                          "eval_seconds": round(eval_s, 2), "seconds_per_image": round(eval_s / max(len(X), 1), 4), "images": int(len(X)),
+                          "chunk_images": chunk}}
 
 
 def validate(profile, bundle: Path, Xval, yval, ref_logits, size_bytes: int, cache_root: Path, progress=None, log=print) -> dict:
