@@ -238,8 +238,7 @@ def stream_logits(command: list[str], X, work: Path, chunk: int = CHUNK_IMAGES, 
                     done += 1
                     if task:
                         task.update(done, f"{min(n, done * chunk)}/{n} images")
-                if not proc.stdin.closed:
-                    proc.stdin.close()
+                proc.stdin.close()  # EVAL's loop ends: it prints the machine and exits
             watch()
             for line in proc.stdout:
                 if line.startswith(b"edgebuild-machine "):
@@ -248,6 +247,8 @@ def stream_logits(command: list[str], X, work: Path, chunk: int = CHUNK_IMAGES, 
         finally:
             if timer:
                 timer.cancel()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
