@@ -3,7 +3,8 @@
     python examples/textures/make_example.py                 # the task-B images (once)
     python -m benchmarks.pretrain_textures --device cuda     # pretrained backbones (once)
     python -m benchmarks.search --models resnet18,mobilenetv2
-    python -m benchmarks.search --student                    # ResNet-18 teacher -> MobileNetV2 student
+    python -m benchmarks.search --models resnet18 --input-sizes 160,128 --precisions int8 --ratios 0,0.3,0.5 --tag "input sizes"
+    python -m benchmarks.search --student                    # ResNet-18 teacher -> the textures example's small CNN
     python -m benchmarks.search --render                     # benchmarks/SEARCH.md from the recorded results
 
 Per model, in one process and one cache, on the same data and targets (x86 ONNX Runtime int8 and
@@ -43,6 +44,7 @@ WEIGHTS = ROOT / "benchmarks" / ".work" / "textures-hf"
 WORK = ROOT / "benchmarks" / ".work" / "search"
 RESULTS = ROOT / "benchmarks" / "search-results.json"
 TARGETS = ["x86-onnxruntime-int8", "x86-openvino-int8"]
+TEXNET = ROOT / "examples" / "textures" / "backbone.py"  # the distillation benchmark's student (its own task-A weights)
 
 
 def train_list(per_class: int) -> str:
@@ -93,23 +95,38 @@ def build(cfg_path: Path) -> dict:
         Build(load_build_config(cfg_path), None, out, Cache(WORK / "cache"), Progress("plain")).run()
     except GateFailed as e:
         status = f"exit 3: {e.message}"
-    res = {"status": status, "seconds": time.perf_counter() - t0, "bundles": {}}
+    return {"status": status, "seconds": time.perf_counter() - t0, "dir": str(cfg_path.parent), **collect(cfg_path.parent)}
+
+
+def collect(d: Path) -> dict:
+    """What a finished build left in ``d/dist``: each bundle's validated figures, search.json and
+    the report's teacher/student table."""
+    out, res = d / "dist", {"bundles": {}}
     for t in TARGETS:
-        mp = out / t / "manifest.json"
+        mp = out / f"{d.name}-{t}" / "manifest.json"
         if mp.is_file():
             m = json.loads(mp.read_text())
             met = m["metrics"]
-            res["bundles"][t] = {k: met.get(k) for k in ("accuracy", "test_accuracy", "latency_p50_ms", "latency_p90_ms", "size_bytes", "macs", "fp32_reference_accuracy")}
-            res["bundles"][t]["quantization"] = m["model"].get("quantization")
-            res["bundles"][t]["compression"] = m.get("compression")
-            res["bundles"][t]["input_shape"] = m["model"]["inputs"][0]["shape"]
-    for extra in ("search.json",):
-        if (out / extra).is_file():
-            res["search"] = json.loads((out / extra).read_text())
-    rp = out / "report.json"
-    if rp.is_file():
-        res["distillation"] = json.loads(rp.read_text()).get("distillation")
+            b = res["bundles"][t] = {k: met.get(k) for k in ("accuracy", "test_accuracy", "latency_p50_ms", "latency_p90_ms", "size_bytes", "macs", "fp32_reference_accuracy")}
+            b.update(quantization=m["model"].get("quantization"), compression=m.get("compression"), input_shape=m["model"]["inputs"][0]["shape"])
+    if (out / "search.json").is_file():
+        res["search"] = json.loads((out / "search.json").read_text())
+    if (out / "report.json").is_file():
+        res["distillation"] = json.loads((out / "report.json").read_text()).get("distillation")
     return res
+
+
+def refresh(res: dict) -> None:
+    """Re-read every recorded build from its folder (its dist/ is the source of truth)."""
+    for key, e in res.get("models", {}).items():
+        kind, tag = key.split(" (")[0], key[len(key.split(" (")[0]) + 2 : -1] if " (" in key else ""
+        for part, name in (("recipe", f"{kind}-recipe"), ("search", f"{kind}-search" + ("-" + tag.replace(" ", "-") if tag else ""))):
+            d = Path(e[part].get("dir") or WORK / name)
+            if (d / "dist").is_dir():
+                e[part].update(dir=str(d), **collect(d))
+    st = res.get("student")
+    if st and (WORK / "student" / "dist").is_dir():
+        st.update(dir=str(WORK / "student"), **collect(WORK / "student"))
 
 
 def main(argv=None) -> int:
@@ -117,6 +134,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="resnet18,mobilenetv2")
     ap.add_argument("--student", action="store_true", help="the teacher/student benchmark instead (ResNet-18 -> MobileNetV2)")
     ap.add_argument("--train-per-class", type=int, default=100, help="training images per class (400: all)")
+    ap.add_argument("--input-sizes", help="compress.search.input_sizes besides 224, e.g. 160,128 (square)")
+    ap.add_argument("--ratios", help="compress.search.prune_ratios, e.g. 0,0.3,0.5 (default: the search's)")
+    ap.add_argument("--precisions", help="compress.search.precisions, e.g. int8 (default: every one the runtime has)")
+    ap.add_argument("--recover-epochs", type=int, help="compress.search.recover_epochs (default: the search's, 2)")
+    ap.add_argument("--tag", help="the results entry is 'MODEL (TAG)' (a non-default space)")
     ap.add_argument("--render", action="store_true")
     opts = ap.parse_args(argv)
     import warnings
@@ -127,22 +149,39 @@ def main(argv=None) -> int:
         res.setdefault("models", {})
         res.update({"date": datetime.date.today().isoformat(), "machine": machine_info(), "train_per_class": opts.train_per_class})
         if opts.student:
-            cfg = project("student", "resnet18", {"distill": {"temperature": 4.0, "alpha": 0.5, "student": f"hf:{WEIGHTS / 'mobilenetv2'}", "epochs": 3, "lr": 0.01}}, opts.train_per_class)
+            dist = {"temperature": 4.0, "alpha": 0.5, "student": f"python:{TEXNET}:build", "student_weights": str(TEXNET.with_suffix(".safetensors")),
+                    "student_classifier": "fc", "epochs": 6}
+            cfg = project("student", "resnet18", {"distill": dist}, opts.train_per_class)
             res["student"] = {"command": f"python -m benchmarks.search --student --train-per-class {opts.train_per_class}", "train_per_class": opts.train_per_class, **build(cfg)}
+            RESULTS.write_text(json.dumps(res, indent=1, default=str))
+        space, args = {}, ""
+        if opts.input_sizes:
+            space["input_sizes"] = [[int(v), int(v)] for v in opts.input_sizes.split(",")]
+            args += f" --input-sizes {opts.input_sizes}"
+        if opts.ratios:
+            space["prune_ratios"] = [float(v) for v in opts.ratios.split(",")]
+            args += f" --ratios {opts.ratios}"
+        if opts.precisions:
+            space["precisions"] = opts.precisions.split(",")
+            args += f" --precisions {opts.precisions}"
+        if opts.recover_epochs is not None:
+            space["recover_epochs"] = opts.recover_epochs
+            args += f" --recover-epochs {opts.recover_epochs}"
         for kind in ([] if opts.student else opts.models.split(",")):
-            print(f"== {kind}: hand-written recipe", file=sys.stderr)
-            entry = {"command": f"python -m benchmarks.search --models {kind} --train-per-class {opts.train_per_class}", "train_per_class": opts.train_per_class, "recipe": build(project(f"{kind}-recipe", kind, {}, opts.train_per_class))}
-            print(f"== {kind}: compress.search (default space)", file=sys.stderr)
-            entry["search"] = build(project(f"{kind}-search", kind, {"search": {}}, opts.train_per_class))
-            res["models"][kind] = entry
+            key = kind + (f" ({opts.tag})" if opts.tag else "")
+            print(f"== {key}: hand-written recipe", file=sys.stderr)
+            entry = {"command": f"python -m benchmarks.search --models {kind} --train-per-class {opts.train_per_class}{args}" + (f" --tag '{opts.tag}'" if opts.tag else ""),
+                     "train_per_class": opts.train_per_class, "space": space or "default",
+                     "recipe": build(project(f"{kind}-recipe", kind, {}, opts.train_per_class))}
+            print(f"== {key}: compress.search {space or '(default space)'}", file=sys.stderr)
+            entry["search"] = build(project(f"{kind}-search" + ("-" + opts.tag.replace(" ", "-") if opts.tag else ""), kind, {"search": space}, opts.train_per_class))
+            res["models"][key] = entry
             RESULTS.write_text(json.dumps(res, indent=1, default=str))
         RESULTS.write_text(json.dumps(res, indent=1, default=str))
+    refresh(res)
+    RESULTS.write_text(json.dumps(res, indent=1, default=str))
     (ROOT / "benchmarks" / "SEARCH.md").write_text(render(res))
     return 0
-
-
-def _acc(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 def render(res: dict) -> str:

@@ -66,7 +66,8 @@ def render(res: dict, targets: list[str]) -> str:
         d = st.get("distillation") or {}
         te, su = d.get("teacher", {}), d.get("student", {})
         lines += ["", "## Teacher against a distilled student", "", f"Command: `{st['command']}` ({st['seconds'] / 60:.1f} min, status {st['status']}). "
-                  f"The teacher (ResNet-18, features mode) teaches a MobileNetV2 that starts from its own task-A weights; {d.get('epochs')} epochs, loss {d.get('loss')}.", "",
+                  f"The teacher (ResNet-18, features mode) teaches the textures example's 6-layer CNN (`examples/textures/backbone.py`, another architecture), "
+                  f"which starts from its own task-A weights and runs at the same 224x224 input; {d.get('epochs')} epochs, loss {d.get('loss')}.", "",
                   "| model | val accuracy (fp32, PyTorch) | params | MMACs | host p50 ms (PyTorch) |", "|---|---|---|---|---|"]
         for name, r in (("teacher", te), ("student", su)):
             if r:
@@ -80,7 +81,7 @@ def render(res: dict, targets: list[str]) -> str:
             continue
         lines += ["", f"## {kind}: every candidate", "", f"Command: `{e['command']}`. Search build {e['search']['seconds']:.0f} s wall, status {e['search']['status']}; "
                   f"fp32 teacher val accuracy {s['base_accuracy']:.4f}; proxy accuracy on {s['holdout']['samples']} held-out val images, "
-                  f"final accuracy on all of val after {s['recover_epochs']} recovery epochs with distillation.", ""]
+                  f"final accuracy on all of val after {s['recover_epochs']} recovery epochs with distillation. Space: {e.get('space', 'default')}.", ""]
         for g in s["groups"]:
             lines += [f"### {', '.join(g['targets'])}", ""] + _candidates(g)
             if g.get("why"):
