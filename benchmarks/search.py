@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,10 @@ WORK = ROOT / "benchmarks" / ".work" / "search"
 RESULTS = ROOT / "benchmarks" / "search-results.json"
 TARGETS = ["x86-onnxruntime-int8", "x86-openvino-int8"]
 TEXNET = ROOT / "examples" / "textures" / "backbone.py"  # the distillation benchmark's student (its own task-A weights)
+
+
+def slug(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", tag).strip("-")
 
 
 def train_list(per_class: int) -> str:
@@ -99,20 +104,24 @@ def build(cfg_path: Path) -> dict:
 
 
 def collect(d: Path) -> dict:
-    """What a finished build left in ``d/dist``: each bundle's validated figures, search.json and
-    the report's teacher/student table."""
+    """What the build left in ``d/dist``: its report (``failed-report.json`` when the build
+    failed a gate; nothing is published then), per target the validated figures and the
+    quantization attempts, search.json and the teacher/student table."""
     out, res = d / "dist", {"bundles": {}}
-    for t in TARGETS:
-        mp = out / f"{d.name}-{t}" / "manifest.json"
-        if mp.is_file():
-            m = json.loads(mp.read_text())
-            met = m["metrics"]
-            b = res["bundles"][t] = {k: met.get(k) for k in ("accuracy", "test_accuracy", "latency_p50_ms", "latency_p90_ms", "size_bytes", "macs", "fp32_reference_accuracy")}
-            b.update(quantization=m["model"].get("quantization"), compression=m.get("compression"), input_shape=m["model"]["inputs"][0]["shape"])
-    if (out / "search.json").is_file():
+    reports = [p for p in (out / "report.json", out / "failed-report.json") if p.is_file()]
+    if not reports:
+        return res
+    rp = max(reports, key=lambda p: p.stat().st_mtime)
+    rep = json.loads(rp.read_text())
+    res["published"] = rp.name == "report.json"
+    for t, tr in rep.get("targets", {}).items():
+        met = tr.get("metrics") or {}
+        res["bundles"][t] = {**{k: met.get(k) for k in ("accuracy", "test_accuracy", "latency_p50_ms", "latency_p90_ms", "size_bytes")},
+                             "fp32_reference_accuracy": rep["transfer"]["val_accuracy"], "quantization": tr.get("quantization"),
+                             "compression": tr.get("compression"), "input_size": tr.get("input_size"), "status": tr.get("status")}
+    if (out / "search.json").is_file() and res["published"]:
         res["search"] = json.loads((out / "search.json").read_text())
-    if (out / "report.json").is_file():
-        res["distillation"] = json.loads((out / "report.json").read_text()).get("distillation")
+    res["distillation"] = rep.get("distillation")
     return res
 
 
@@ -120,7 +129,7 @@ def refresh(res: dict) -> None:
     """Re-read every recorded build from its folder (its dist/ is the source of truth)."""
     for key, e in res.get("models", {}).items():
         kind, tag = key.split(" (")[0], key[len(key.split(" (")[0]) + 2 : -1] if " (" in key else ""
-        for part, name in (("recipe", f"{kind}-recipe"), ("search", f"{kind}-search" + ("-" + tag.replace(" ", "-") if tag else ""))):
+        for part, name in (("recipe", f"{kind}-recipe"), ("search", f"{kind}-search" + ("-" + slug(tag) if tag else ""))):
             d = Path(e[part].get("dir") or WORK / name)
             if (d / "dist").is_dir():
                 e[part].update(dir=str(d), **collect(d))
@@ -174,13 +183,17 @@ def main(argv=None) -> int:
                      "train_per_class": opts.train_per_class, "space": space or "default",
                      "recipe": build(project(f"{kind}-recipe", kind, {}, opts.train_per_class))}
             print(f"== {key}: compress.search {space or '(default space)'}", file=sys.stderr)
-            entry["search"] = build(project(f"{kind}-search" + ("-" + opts.tag.replace(" ", "-") if opts.tag else ""), kind, {"search": space}, opts.train_per_class))
+            entry["search"] = build(project(f"{kind}-search" + ("-" + slug(opts.tag) if opts.tag else ""), kind, {"search": space}, opts.train_per_class))
             res["models"][key] = entry
             RESULTS.write_text(json.dumps(res, indent=1, default=str))
         RESULTS.write_text(json.dumps(res, indent=1, default=str))
     refresh(res)
     RESULTS.write_text(json.dumps(res, indent=1, default=str))
     (ROOT / "benchmarks" / "SEARCH.md").write_text(render(res))
+    from .search_render import summary
+    from .sections import replace_section
+
+    replace_section(ROOT / "BENCHMARKS.md", "search", summary(res, TARGETS))
     return 0
 
 

@@ -25,6 +25,33 @@ def _quant(q: dict | None) -> str:
     return f"{tried or '-'} -> {q.get('decision')}"
 
 
+def headline(res: dict, targets: list[str]) -> list[str]:
+    out = ["| model (space) | runtime | fp32 val | recipe: unpruned int8 val / test | recipe p50 ms | searched: chosen | searched val / test | searched p50 ms | speed-up | search wall |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, e in res.get("models", {}).items():
+        rec, sea = e["recipe"], e["search"]
+        chosen = {}
+        for g in (sea.get("search") or {}).get("groups", []):
+            for t in g["targets"]:
+                chosen[t] = g["candidates"][g["chosen"]]["label"] if g.get("chosen") is not None else "none (exit 3)"
+        for t in targets:
+            rb, sb = rec["bundles"].get(t, {}), sea["bundles"].get(t, {})
+            sp = (rb["latency_p50_ms"] / sb["latency_p50_ms"]) if rb.get("latency_p50_ms") and sb.get("latency_p50_ms") else None
+            out.append(f"| {kind} | {t} | {_f(rb.get('fp32_reference_accuracy'))} | {_f(rb.get('accuracy'))} / {_f(rb.get('test_accuracy'))} | "
+                       f"{_f(rb.get('latency_p50_ms'), '.2f')} | {chosen.get(t, '-')} | {_f(sb.get('accuracy'))} / {_f(sb.get('test_accuracy'))} | "
+                       f"{_f(sb.get('latency_p50_ms'), '.2f')} | **{_f(sp, '.2f')}x** | {sea['seconds'] / 60:.1f} min |")
+    return out
+
+
+def summary(res: dict, targets: list[str]) -> str:
+    """The BENCHMARKS.md section: the headline table; the details are in benchmarks/SEARCH.md."""
+    return "\n".join(["## Search against the hand-written recipe (issue 16)", "",
+                      f"Textures example at 224x224, ResNet-18 / MobileNetV2 pretrained here on another task, `max_accuracy_drop: 0.01`, "
+                      f"batch 1, 2 threads ({res.get('date')}). Every candidate, the PTQ/QAT attempts and the distilled student: "
+                      "[benchmarks/SEARCH.md](benchmarks/SEARCH.md). Command: `python -m benchmarks.search` (options per row there).", ""]
+                     + headline(res, targets)) + "\n"
+
+
 def render(res: dict, targets: list[str]) -> str:
     m = res.get("machine", {})
     lines = ["# Search, QAT and distillation benchmarks (issue 16)", "",
@@ -37,21 +64,7 @@ def render(res: dict, targets: list[str]) -> str:
              "transferred in `features` mode. Budget: `max_accuracy_drop: 0.01` against the fp32 teacher's val accuracy. "
              "Latency: batch 1, the profiles' 2 threads, p50 of the validate stage's benchmark on this host; both bundles of a row are measured "
              "in the same process by the same harness.", ""]
-    lines += ["## Searched artifact against the hand-written recipe", "",
-              "| model | runtime | fp32 val | recipe: unpruned int8 val / test | recipe p50 ms | searched: chosen | searched val / test | searched p50 ms | speed-up | search wall |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for kind, e in res.get("models", {}).items():
-        rec, sea = e["recipe"], e["search"]
-        chosen = {}
-        for g in (sea.get("search") or {}).get("groups", []):
-            for t in g["targets"]:
-                chosen[t] = g["candidates"][g["chosen"]]["label"] if g.get("chosen") is not None else "none (exit 3)"
-        for t in targets:
-            rb, sb = rec["bundles"].get(t, {}), sea["bundles"].get(t, {})
-            sp = (rb["latency_p50_ms"] / sb["latency_p50_ms"]) if rb.get("latency_p50_ms") and sb.get("latency_p50_ms") else None
-            lines.append(f"| {kind} | {t} | {_f(rb.get('fp32_reference_accuracy'))} | {_f(rb.get('accuracy'))} / {_f(rb.get('test_accuracy'))} | "
-                         f"{_f(rb.get('latency_p50_ms'), '.2f')} | {chosen.get(t, '-')} | {_f(sb.get('accuracy'))} / {_f(sb.get('test_accuracy'))} | "
-                         f"{_f(sb.get('latency_p50_ms'), '.2f')} | **{_f(sp, '.2f')}x** | {sea['seconds'] / 60:.1f} min |")
+    lines += ["## Searched artifact against the hand-written recipe", ""] + headline(res, targets)
     lines += ["", "Goal (issue 16): at least 3x on ResNet-18 and 2x on MobileNetV2 at no more than 1 point accuracy loss, search under 30 minutes.", ""]
     lines += ["## PTQ against QAT", "",
               "The recipe builds run the accuracy guard with the same 1-point budget: where post-training quantization loses more, "
@@ -65,16 +78,19 @@ def render(res: dict, targets: list[str]) -> str:
     if st:
         d = st.get("distillation") or {}
         te, su = d.get("teacher", {}), d.get("student", {})
-        lines += ["", "## Teacher against a distilled student", "", f"Command: `{st['command']}` ({st['seconds'] / 60:.1f} min, status {st['status']}). "
+        lines += ["", "## Teacher against a distilled student", "", f"Command: `{st['command']}` ({st['seconds'] / 60:.1f} min, status {st['status'].split(';')[0]}). "
                   f"The teacher (ResNet-18, features mode) teaches the textures example's 6-layer CNN (`examples/textures/backbone.py`, another architecture), "
                   f"which starts from its own task-A weights and runs at the same 224x224 input; {d.get('epochs')} epochs, loss {d.get('loss')}.", "",
                   "| model | val accuracy (fp32, PyTorch) | params | MMACs | host p50 ms (PyTorch) |", "|---|---|---|---|---|"]
         for name, r in (("teacher", te), ("student", su)):
             if r:
                 lines.append(f"| {name}: {r.get('source')} | {_f(r.get('val_accuracy'))} | {r.get('params')} | {_f((r.get('macs') or 0) / 1e6, '.0f')} | {_f(r.get('host_latency_p50_ms'), '.2f')} |")
-        lines += ["", "| student bundle | val | test | p50 ms | size MB |", "|---|---|---|---|---|"]
+        lines += ["", "The student's artifacts as validated on each runtime (gate status against the 1-point budget, which is measured against the teacher; "
+                  "a failed gate publishes no bundle, the figures come from dist/failed-report.json):", "",
+                  "| student artifact | val | test | p50 ms | size MB | gates | int8 attempts (val accuracy) |", "|---|---|---|---|---|---|---|"]
         for t, b in st["bundles"].items():
-            lines.append(f"| {t} | {_f(b.get('accuracy'))} | {_f(b.get('test_accuracy'))} | {_f(b.get('latency_p50_ms'), '.2f')} | {_f((b.get('size_bytes') or 0) / 1e6, '.2f')} |")
+            lines.append(f"| {t} | {_f(b.get('accuracy'))} | {_f(b.get('test_accuracy'))} | {_f(b.get('latency_p50_ms'), '.2f')} | "
+                         f"{_f((b.get('size_bytes') or 0) / 1e6, '.2f')} | {b.get('status')} | {_quant(b.get('quantization'))} |")
     for kind, e in res.get("models", {}).items():
         s = e["search"].get("search")
         if not s:
