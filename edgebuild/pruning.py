@@ -192,3 +192,23 @@ def _quiet():
     warnings.simplefilter("ignore")
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     return stack
+
+
+def recalibrate_bn(model: nn.Module, X: np.ndarray, batch: int = 32) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean/var on ``X`` (a cumulative average over the
+    batches; each layer's momentum is restored afterwards). Pruning leaves the statistics of the
+    unpruned network behind; without this a pruned model starts recovery from chance level."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for b in range(0, len(X), batch):
+            model(torch.as_tensor(X[b : b + batch]))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    return model.eval()

@@ -206,6 +206,43 @@ def test_recovery_with_distillation_improves(tmp_path):
     np.testing.assert_allclose(predict(loaded, data.Xval), np.load(tmp_path / "val_logits.npy"), atol=1e-5)
 
 
+def test_batchnorm_recalibrated_after_pruning(tmp_path):
+    """Pruning leaves the unpruned network's BatchNorm statistics behind; the stage re-estimates
+    them on training images before anything is measured or recovered (momentum restored)."""
+    from edgebuild.config import BuildConfig
+    from edgebuild.progress import Progress
+    from edgebuild.pruning import recalibrate_bn
+
+    data = _digits()
+    teacher = ResNetTiny(1, 10).eval()
+    with torch.no_grad():  # statistics that fit no data at all
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(50.0)
+                m.running_var.fill_(1e-4)
+    cfg = BuildConfig.model_validate({
+        "name": "t", "backbone": {"source": "python:x.py:build"}, "data": {"train": "a", "val": "b"},
+        "preprocess": {"input_size": [8, 8], "color": "grayscale"}, "transfer": {"batch_size": 64},
+        "compress": {"prune": {"ratio": 0.5, "recover_epochs": 0}},
+    })
+    prune_stage.run(cfg, data, teacher, {"head": "fc", "classes": data.classes}, 8, tmp_path, Progress("quiet"), torch.zeros(1, 1, 8, 8))
+    pruned = prune_stage.load_pruned(ResNetTiny(1, 10), tmp_path)
+    stem_bn = pruned.stem[1]
+    with torch.no_grad():
+        conv_out = pruned.stem[0](torch.as_tensor(data.Xtrain[:256]))
+    # the stage's statistics are the data's (not 50 / 1e-4), over its 256 recalibration images
+    assert stem_bn.running_mean.abs().max() < 5
+    np.testing.assert_allclose(stem_bn.running_mean.numpy(), conv_out.mean((0, 2, 3)).numpy(), atol=0.2)
+    assert stem_bn.momentum == 0.1  # restored: recovery training keeps its usual running average
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.3))
+    X = np.random.default_rng(0).normal(3.0, 1.0, (64, 1, 8, 8)).astype(np.float32)
+    recalibrate_bn(m, X, batch=16)
+    with torch.no_grad():
+        want = m[0](torch.as_tensor(X)).mean((0, 2, 3))
+    np.testing.assert_allclose(m[1].running_mean.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)  # cumulative over all 4 batches
+    assert m[1].momentum == 0.3 and not m.training
+
+
 def test_pipeline_prune_step_shared_per_align(tiny_project):
     from edgebuild.config import load_build_config
     from edgebuild.pipeline import Build

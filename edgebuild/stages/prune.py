@@ -32,11 +32,12 @@ from ..config import BuildConfig, PruneConfig
 from ..errors import ModelError
 from ..metrics import count_macs, count_params
 from .. import distributed
-from ..pruning import IMPORTANCES, SCOPES, check_forward, prune_model, resolve_layers  # noqa: F401 - public names of this stage
+from ..pruning import IMPORTANCES, SCOPES, check_forward, prune_model, recalibrate_bn, resolve_layers  # noqa: F401 - public names of this stage
 from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
-VERSION = 3  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept
+RECALIBRATION_SAMPLES = 256
+VERSION = 4  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept; 4: BatchNorm recalibrated after pruning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,9 +182,12 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     info = prune_model(student, example, ratio=pc.ratio, importance=pc.importance, scope=pc.scope, keep=pc.keep,
                        head=tmeta.get("head"), align=align, grad_data=(data.Xtrain, data.ytrain), batch_size=min(tc.batch_size, 64),
                        ratio_dict=pc.stage_ratios)
+    rows = np.sort(np.random.default_rng(cfg.seed).permutation(len(data.ytrain))[:RECALIBRATION_SAMPLES])
+    recalibrate_bn(student, data.Xtrain[rows])  # the unpruned network's statistics no longer fit
     after = model_figures(student, example, data.Xval, data.yval)
     progress.log(f"  pruned {pc.ratio:.0%} ({pc.importance}, {pc.scope}, align {align}): params {before['params']} -> {after['params']}, "
-                 f"MACs {before['macs']} -> {after['macs']}, val acc {before['val_accuracy']:.4f} -> {after['val_accuracy']:.4f}")
+                 f"MACs {before['macs']} -> {after['macs']}, val acc {before['val_accuracy']:.4f} -> {after['val_accuracy']:.4f} "
+                 f"(BatchNorm recalibrated on {len(rows)} training images)")
     lr = pc.lr if pc.lr is not None else tc.effective_lr
     recover_epochs = pc.effective_recover_epochs(tc.epochs)
     warnings_ = []

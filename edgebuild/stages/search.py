@@ -41,6 +41,7 @@ from ..config import PruneConfig
 from ..errors import GateFailed
 from ..metrics import count_macs, count_params
 from ..profiles import unavailable_reason
+from ..pruning import recalibrate_bn  # noqa: F401 - also this stage's public name
 from ..runtimes import adapter, open_runner
 from . import export as export_stage
 from . import prune as prune_stage
@@ -123,12 +124,6 @@ def label(c: dict, build_size=None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@no_grad
-def recalibrate_bn(model: nn.Module, X: np.ndarray, batch: int = 32) -> nn.Module:
-    """Re-estimate every BatchNorm's running mean/var on ``X`` (cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
