@@ -125,6 +125,36 @@ def collect(d: Path) -> dict:
     return res
 
 
+def side_by_side(res: dict, rounds: int = 4, seconds: float = 3.0) -> None:
+    """Each entry's recipe and searched bundles timed in this one process, alternating A/B
+    rounds on the bundle's own runtime and self-test input (batch 1, the profile's threads):
+    the speed-up without the drift between two builds' validate stages."""
+    import numpy as np
+
+    from edgebuild.runtimes import open_runner
+    from edgebuild.verify import _manifest_profile
+
+    for key, e in res.get("models", {}).items():
+        e["side_by_side"] = {}
+        for t in TARGETS:
+            runners = []
+            for part in ("recipe", "search"):
+                folder = Path(e[part]["dir"]) / "dist" / f"{Path(e[part]['dir']).name}-{t}"
+                if not (folder / "manifest.json").is_file():
+                    break
+                prof = _manifest_profile(json.loads((folder / "manifest.json").read_text()), str(folder))
+                runners.append((open_runner(prof, folder), np.load(folder / "selftest.npz")["inputs"][:1]))
+            if len(runners) < 2:
+                continue
+            p50 = {"recipe": [], "search": []}
+            for _ in range(rounds):
+                for part, (runner, x) in zip(("recipe", "search"), runners):
+                    p50[part].append(runner.benchmark(x, max_seconds=seconds)["p50_ms"])
+            r, s_ = float(np.median(p50["recipe"])), float(np.median(p50["search"]))
+            e["side_by_side"][t] = {"recipe_p50_ms": r, "search_p50_ms": s_, "speedup": r / s_, "rounds": p50}
+            print(f"{key} {t}: recipe {r:.3f} ms, searched {s_:.3f} ms, {r / s_:.2f}x", file=sys.stderr)
+
+
 def refresh(res: dict) -> None:
     """Re-read every recorded build from its folder (its dist/ is the source of truth)."""
     for key, e in res.get("models", {}).items():
@@ -149,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recover-epochs", type=int, help="compress.search.recover_epochs (default: the search's, 2)")
     ap.add_argument("--tag", help="the results entry is 'MODEL (TAG)' (a non-default space)")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--side-by-side", action="store_true", help="time every recipe/searched bundle pair again, alternating, in this process")
     opts = ap.parse_args(argv)
     import warnings
 
@@ -188,6 +219,8 @@ def main(argv=None) -> int:
             RESULTS.write_text(json.dumps(res, indent=1, default=str))
         RESULTS.write_text(json.dumps(res, indent=1, default=str))
     refresh(res)
+    if opts.side_by_side:
+        side_by_side(res)
     RESULTS.write_text(json.dumps(res, indent=1, default=str))
     (ROOT / "benchmarks" / "SEARCH.md").write_text(render(res))
     from .search_render import summary
