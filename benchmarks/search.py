@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", help="compress.search.prune_ratios, e.g. 0,0.3,0.5 (default: the search's)")
     ap.add_argument("--precisions", help="compress.search.precisions, e.g. int8 (default: every one the runtime has)")
     ap.add_argument("--recover-epochs", type=int, help="compress.search.recover_epochs (default: the search's, 2)")
+    ap.add_argument("--prune-lr", type=float, help="compress.prune.lr: the recovery's learning rate (default: transfer.lr, 0.01 with sgd)")
     ap.add_argument("--tag", help="the results entry is 'MODEL (TAG)' (a non-default space)")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--side-by-side", action="store_true", help="time every recipe/searched bundle pair again, alternating, in this process")
@@ -204,6 +205,10 @@ def main(argv=None) -> int:
         if opts.precisions:
             space["precisions"] = opts.precisions.split(",")
             args += f" --precisions {opts.precisions}"
+        prune = {}
+        if opts.prune_lr is not None:
+            prune = {"prune": {"lr": opts.prune_lr}}
+            args += f" --prune-lr {opts.prune_lr}"
         if opts.recover_epochs is not None:
             space["recover_epochs"] = opts.recover_epochs
             args += f" --recover-epochs {opts.recover_epochs}"
@@ -214,7 +219,7 @@ def main(argv=None) -> int:
                      "train_per_class": opts.train_per_class, "space": space or "default",
                      "recipe": build(project(f"{kind}-recipe", kind, {}, opts.train_per_class))}
             print(f"== {key}: compress.search {space or '(default space)'}", file=sys.stderr)
-            entry["search"] = build(project(f"{kind}-search" + ("-" + slug(opts.tag) if opts.tag else ""), kind, {"search": space}, opts.train_per_class))
+            entry["search"] = build(project(f"{kind}-search" + ("-" + slug(opts.tag) if opts.tag else ""), kind, {"search": space, **prune}, opts.train_per_class))
             res["models"][key] = entry
             RESULTS.write_text(json.dumps(res, indent=1, default=str))
         RESULTS.write_text(json.dumps(res, indent=1, default=str))

@@ -118,6 +118,7 @@ def fit(
                     precision={None: "fp32", torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}[half])
     if epochs == 0 or not params:
         return res
+    tf_style = _pytorch_momentum(model, progress)
     train_model: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -204,6 +205,8 @@ def fit(
     finally:
         if ctx:
             ctx.__exit__(None, None, None)
+        for m, momentum in tf_style:
+            m.momentum = momentum
     if best_state is not None and res.best_epoch != len(res.history):
         model.load_state_dict(best_state)
     distributed.broadcast_module(model)  # DDP keeps the weights equal; this makes it bit-exact, buffers included
@@ -212,6 +215,21 @@ def fit(
     if teacher is not None and teacher_device is not None:
         teacher.to(teacher_device)
     return res
+
+
+def _pytorch_momentum(model: nn.Module, progress: Optional[Progress]) -> list:
+    """BatchNorm layers whose momentum is a TensorFlow-style decay (0.99, 0.997: Hugging Face's
+    MobileNetV2 sets 0.997) would let every training batch replace the running statistics
+    (PyTorch weighs the new batch by ``momentum``): a model left at chance level after a few
+    steps. They train with ``1 - momentum``; the caller's value is restored afterwards."""
+    changed = [(m, m.momentum) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.momentum > 0.5]
+    for m, momentum in changed:
+        m.momentum = 1.0 - momentum
+    if changed and progress is not None:
+        progress.log(f"  note: {len(changed)} BatchNorm layer(s) have momentum {changed[0][1]} (a TensorFlow-style decay); "
+                     f"training uses {1.0 - changed[0][1]:.3g}, the PyTorch equivalent")
+    return changed
 
 
 def lr_factor(step: int, warm: int, total: int) -> float:

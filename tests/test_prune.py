@@ -243,6 +243,24 @@ def test_batchnorm_recalibrated_after_pruning(tmp_path):
     assert m[1].momentum == 0.3 and not m.training
 
 
+def test_tensorflow_style_batchnorm_momentum_trains_as_pytorch():
+    """momentum 0.997 (Hugging Face's MobileNetV2) is a TensorFlow decay: in PyTorch it would make
+    the last batch's statistics the running ones. fit() trains with 0.003 and restores 0.997."""
+    from edgebuild.training import fit
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(0, 1, (64, 1, 8, 8)) + rng.normal(0, 5, (64, 1, 1, 1))).astype(np.float32)  # batches with very different means
+    y = rng.integers(0, 2, 64)
+    m = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2, momentum=0.997), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    with torch.no_grad():
+        m[1].running_mean.copy_(m[0](torch.as_tensor(X)).mean((0, 2, 3)))
+    before = m[1].running_mean.clone()
+    fit(m, m.parameters(), X, y, X[:8], y[:8], epochs=1, lr=1e-9, batch_size=8, seed=0)
+    # 8 steps at 0.003 move the statistics by about 2%; at 0.997 they would be the last batch's
+    assert torch.allclose(m[1].running_mean, before, rtol=0.1, atol=0.1)
+    assert m[1].momentum == 0.997
+
+
 def test_pipeline_prune_step_shared_per_align(tiny_project):
     from edgebuild.config import load_build_config
     from edgebuild.pipeline import Build

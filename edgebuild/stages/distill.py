@@ -28,7 +28,7 @@ from ..training import fit, pick_device, predict, seed_everything
 from . import transfer as transfer_stage
 
 NAME = "distill"
-VERSION = 1
+VERSION = 2  # 2: TF-style BatchNorm momentum trains as PyTorch's
 
 
 def enabled(cfg: BuildConfig) -> bool:

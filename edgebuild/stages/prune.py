@@ -37,7 +37,7 @@ from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
 RECALIBRATION_SAMPLES = 256
-VERSION = 4  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept; 4: BatchNorm recalibrated after pruning
+VERSION = 5  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept; 4: BatchNorm recalibrated after pruning; 5: TF-style BatchNorm momentum
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..metrics import count_macs, count_params
 from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "transfer"
-VERSION = 4  # 4: augmentation, optimizer choice, best epoch, L-BFGS head in features mode, test accuracy
+VERSION = 5  # 4: augmentation, optimizer choice, best epoch, L-BFGS head in features mode, test accuracy; 5: TF-style BatchNorm momentum trains as PyTorch's
 FEATURE_BATCH = 32  # the feature pass's batch (BENCHMARKS.md: larger batches are not faster on the CPU)
 ORT_MIN_IMAGES = 512  # fewer images: exporting the backbone costs more than eager PyTorch loses
 
