@@ -119,7 +119,7 @@ def collect(d: Path) -> dict:
         res["bundles"][t] = {**{k: met.get(k) for k in ("accuracy", "test_accuracy", "latency_p50_ms", "latency_p90_ms", "size_bytes")},
                              "fp32_reference_accuracy": rep["transfer"]["val_accuracy"], "quantization": tr.get("quantization"),
                              "compression": tr.get("compression"), "input_size": tr.get("input_size"), "status": tr.get("status")}
-    if (out / "search.json").is_file() and res["published"]:
+    if (out / "search.json").is_file():
         res["search"] = json.loads((out / "search.json").read_text())
     res["distillation"] = rep.get("distillation")
     return res
