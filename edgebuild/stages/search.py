@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
-from ..lazy import torch, nn, no_grad
+from ..lazy import torch, nn
 
 from ..cache import make_key
 from ..config import PruneConfig
 from ..errors import GateFailed
 from ..metrics import count_macs, count_params
 from ..profiles import unavailable_reason
-from ..pruning import recalibrate_bn  # noqa: F401 - also this stage's public name
+from ..pruning import recalibrate_bn
 from ..runtimes import adapter, open_runner
 from . import export as export_stage
 from . import prune as prune_stage
@@ -122,15 +122,6 @@ def label(c: dict, build_size=None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Measuring one candidate
 # ----------------------------------------------------------------------------------------------
-
-
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for b in range(0, len(X), batch):
-        model(torch.as_tensor(X[b : b + batch]))
-    return model.eval()
 
 
 def proxy_model(base: nn.Module, c: dict, align: int, head: str | None, data, example: torch.Tensor, recal: np.ndarray, batch_size: int,
