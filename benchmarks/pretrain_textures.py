@@ -65,10 +65,10 @@ def train_one(kind: str, data, classes, epochs: int, device: str, out: Path, lr:
     cfg.num_labels = len(classes)
     cfg.id2label = dict(enumerate(classes))
     cfg.label2id = {c: i for i, c in enumerate(classes)}
+    from edgebuild.training import pytorch_momentum
+
     model = transformers.AutoModelForImageClassification.from_config(cfg).to(device).to(memory_format=torch.channels_last)
-    for m in model.modules():  # HF MobileNetV2 gives BatchNorm TensorFlow's decay (0.997) as PyTorch momentum:
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.momentum > 0.5:
-            m.momentum = 1.0 - m.momentum  # its running statistics would be the last batch's; saved as trained (0.003)
+    pytorch_momentum(model, None)  # HF MobileNetV2's BatchNorm momentum 0.997 is TensorFlow's decay: train with 0.003
     X, y, Xv, yv = (torch.as_tensor(a).to(device) for a in data)
     bs = 128
     steps = epochs * ((len(X) + bs - 1) // bs)

@@ -118,7 +118,7 @@ def fit(
                     precision={None: "fp32", torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}[half])
     if epochs == 0 or not params:
         return res
-    tf_style = _pytorch_momentum(model, progress)
+    tf_style = pytorch_momentum(model, progress)
     train_model: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -217,7 +217,7 @@ def fit(
     return res
 
 
-def _pytorch_momentum(model: nn.Module, progress: Optional[Progress]) -> list:
+def pytorch_momentum(model: nn.Module, progress: Optional[Progress]) -> list:
     """BatchNorm layers whose momentum is a TensorFlow-style decay (0.99, 0.997: Hugging Face's
     MobileNetV2 sets 0.997) would let every training batch replace the running statistics
     (PyTorch weighs the new batch by ``momentum``): a model left at chance level after a few
