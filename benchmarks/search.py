@@ -21,7 +21,8 @@ OpenVINO int8, batch 1, the profiles' 2 threads):
 The speed-up is the two bundles' validated p50 latencies, measured by the same harness in the
 same process. The backbones come from benchmarks/pretrain_textures.py (task A, 8 other
 classes); the teacher is transferred in ``features`` mode (frozen backbone, L-BFGS head).
-Results: benchmarks/search-results.json and benchmarks/SEARCH.md.
+Results: benchmarks/search-results.json and benchmarks/SEARCH.md; its "notes" list holds what the person who
+recorded them saw (rendered as the caveats).
 """
 
 from __future__ import annotations
@@ -157,12 +158,10 @@ def side_by_side(res: dict, rounds: int = 4, seconds: float = 3.0) -> None:
 
 def refresh(res: dict) -> None:
     """Re-read every recorded build from its folder (its dist/ is the source of truth)."""
-    for key, e in res.get("models", {}).items():
-        kind, tag = key.split(" (")[0], key[len(key.split(" (")[0]) + 2 : -1] if " (" in key else ""
-        for part, name in (("recipe", f"{kind}-recipe"), ("search", f"{kind}-search" + ("-" + slug(tag) if tag else ""))):
-            d = Path(e[part].get("dir") or WORK / name)
-            if (d / "dist").is_dir():
-                e[part].update(dir=str(d), **collect(d))
+    for e in res.get("models", {}).values():
+        for part in ("recipe", "search"):
+            if (Path(e[part]["dir"]) / "dist").is_dir():
+                e[part].update(collect(Path(e[part]["dir"])))
     st = res.get("student")
     if st and (WORK / "student" / "dist").is_dir():
         st.update(dir=str(WORK / "student"), **collect(WORK / "student"))

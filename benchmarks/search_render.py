@@ -110,23 +110,6 @@ def render(res: dict, targets: list[str]) -> str:
                 lines += ["", f"Chosen: {g['why']}."]
             corr = g.get("rank_correlation_proxy_final")
             lines += ["", f"Rank correlation proxy vs final accuracy: {_f(corr, '.2f')} ({g['finalists']} finalists).", ""]
-    lines += ["## Caveats (this recording)", "",
-              "- The ResNet-18 rows were recorded before the prune stage recalibrated BatchNorm after pruning (prune stage version 3); "
-              "a rerun recovers from a better starting point.",
-              "- With the default 2 recovery epochs on 600 training images no pruned ResNet-18 came within the budget (0.72-0.75 against 0.835); "
-              "8 epochs brought prune 30% to 0.8267. Recovery, not the proxy, decides what the search can ship on small data.",
-              "- ResNet-18 with 160 px and 8 recovery epochs: the search's choice (prune 30% int8, val 0.8267, drop 0.0083) failed the build's "
-              "held-out test gate (test 0.8067 against the teacher's 0.8633, drop 0.057), so that build exits 3 and ships nothing. The search "
-              "selects on val, which recovery also uses to keep its best epoch; on 600 training images that choice does not hold on test.",
-              "- MobileNetV2 (features mode): recovery training collapses to chance even unpruned (distillation loss starts at 14-43 where "
-              "ResNet-18's starts at 1.5-2). Two causes were found and fixed on the way (HF's TensorFlow-style BatchNorm momentum 0.997, in "
-              "pretraining and in edgebuild's training loop; stale BatchNorm statistics after pruning); the remaining one is not identified "
-              "(suspected: the classifier's dropout in front of the large-weight L-BFGS head). The last run (`--models mobilenetv2 --input-sizes 160 "
-              "--precisions int8 --ratios 0,0.3 --tag '160 px'`, both fixes in) was stopped for time after three ONNX Runtime finalists, so it has no "
-              "row above: teacher fp32 val 0.7967, hand-written int8 recipe 0.8017 (ONNX Runtime) / 0.8000 (OpenVINO); proxies unpruned 0.8133, "
-              "unpruned @160 0.4767, prune 30% 0.5133, prune 30% @160 0.3800; every finalist 0.1667 after recovery (distillation loss 14.7 -> 6.9, "
-              "9.1 -> 6.2, 15.1 -> ...).",
-              "- The MobileNetV2 and student builds ran while the test suite ran on the same 2 cores: their latencies are noisy "
-              "(the searches' unpruned int8 rows read 7.6-8.2 ms there against 2.3 ms on a quiet host). The `--side-by-side` remeasure was not run "
-              "for this recording; the speed-ups in the first table are the two builds' validate p50s.", ""]
+    if res.get("notes"):  # what the person who recorded the results saw (search-results.json "notes")
+        lines += ["## Caveats (this recording)", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines) + "\n"
