@@ -234,6 +234,8 @@ class QuantizationScheme(_Strict):
     per_channel: bool = True
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     preset: Literal["performance", "mixed"] = "performance"
+    max_reverted: Float = Field(0.25, ge=0, le=1, description="an int8 attempt may give at most this share of the quantizers back to "
+                                "float (NNCF accuracy control on OpenVINO); beyond it the file is not really int8 and the guard moves on")
 
 
 # each runtime's artifact formats and precisions (the runtime adapters in edgebuild.runtimes

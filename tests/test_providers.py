@@ -105,7 +105,11 @@ def test_timm_pretrained_loads_from_the_hf_hub_cache_offline(tmp_path, hub_cache
     assert backbones.pretrained_file(f"timm:{TIMM}", tmp_path, True).parent.name == COMMIT
 
 
-def write_project(root, backbone: str, compress: str = "") -> None:
+def write_project(root, backbone: str) -> None:
+    """One finetune epoch from random weights: 12 val images whose fp32 logits are nearly tied, so
+    int8 agreement there is noise that changes with the CPU (a CI run fell back to fp32 on one
+    disagreement). The int8 accuracy guard is tested in test_quantize.py; here the budget asks only
+    that the provider's model quantizes, prunes and validates on both runtimes."""
     make_images(root / "data" / "train", {"a": 10, "b": 10, "c": 10}, size=(40, 40), mode="RGB", seed=1)
     make_images(root / "data" / "val", {"a": 4, "b": 4, "c": 4}, size=(40, 40), mode="RGB", seed=2)
     (root / "edgebuild.yaml").write_text(
@@ -114,7 +118,8 @@ def write_project(root, backbone: str, compress: str = "") -> None:
         "preprocess: {input_size: [32, 32], color: rgb, mean: [0.5], std: [0.25]}\n"
         "transfer: {mode: finetune, epochs: 1, batch_size: 16, lr: 0.01}\n"
         "compress: {prune: {ratio: 0.3, recover_epochs: 1}, quantize: {calibration_samples: 16}}\n"
-        "targets: [x86-onnxruntime-int8, x86-openvino-int8]\n" + compress
+        "targets: [x86-onnxruntime-int8, x86-openvino-int8]\n"
+        "budgets: {min_agreement: 0.0}\n"
     )
 
 

@@ -67,15 +67,51 @@ def test_fallback_fail_is_a_failed_gate(tmp_path):
     assert rows and rows[0]["verdict"] == "FAIL"
 
 
-def test_openvino_guard_uses_ignored_scope_and_accuracy_control(tmp_path):
-    prof, edir, out = _exported(tmp_path, "x86-openvino-int8")
-    X, y = _data(24)
-    meta = quantize_stage.run(prof, edir, out, X[:12], Xval=X, yval=y, baseline_accuracy=1.5, max_accuracy_drop=0.0)
+def _blocks(k=6):
+    """Exact in fp32; each of ``k`` blocks carries its signal beside a 280x larger channel, so
+    int8 is right only once every block's second convolution is back in float."""
+    layers = []
+    for _ in range(k):
+        a, b = nn.Conv2d(1, 2, 1), nn.Conv2d(2, 1, 1)
+        with torch.no_grad():
+            a.weight.copy_(torch.tensor([127.0, 0.45]).view(2, 1, 1, 1))
+            b.weight.copy_(torch.tensor([0.0, 1 / 0.45]).view(1, 2, 1, 1))
+            a.bias.zero_(), b.bias.zero_()
+        layers += [a, b]
+    head = nn.Linear(64, 4)
+    with torch.no_grad():
+        head.bias.zero_()
+        for c in range(4):  # the class: signs of the upper and the lower half of the image
+            w = torch.zeros(8, 8)
+            w[:4], w[4:] = (1 if c >= 2 else -1) / 32, (1 if c % 2 else -1) / 32
+            head.weight[c] = w.flatten()
+    return nn.Sequential(*layers, nn.Flatten(), head).eval()
+
+
+def _halves(n=64):
+    X = np.random.default_rng(0).uniform(-1, 1, (n, 1, 8, 8)).astype(np.float32)
+    return X, (2 * (X[:, 0, :4].mean((1, 2)) > 0) + (X[:, 0, 4:].mean((1, 2)) > 0)).astype(np.int64)
+
+
+@pytest.mark.parametrize("max_reverted", [0.25, 1.0])
+def test_openvino_guard_uses_ignored_scope_and_accuracy_control_within_max_reverted(tmp_path, max_reverted):
+    prof, edir, out = export_for_quantize(tmp_path, _blocks(), "x86-openvino-int8")
+    prof = prof.model_copy(update={"quantization": prof.quantization.model_copy(update={"max_reverted": max_reverted})})
+    X, y = _halves()
+    logs = []
+    meta = quantize_stage.run(prof, edir, out, X[:32], Xval=X, yval=y, min_agreement=0.99, log=logs.append)
     names = [a["attempt"] for a in meta["attempts"]]
-    assert names[:2] == ["plain", "first conv and head in float"]
-    assert meta["attempts"][1]["ignored"]
-    assert "NNCF accuracy-controlled quantization" in names
-    assert meta["effective_precision"] == "fp32" and (out / "model.xml").is_file()
+    assert names[:2] == ["plain", "first conv and head in float"] and meta["attempts"][1]["ignored"]
+    assert all(a["agreement"] < 0.5 for a in meta["attempts"][:3])  # PTQ loses every block's signal
+    ac = next(a for a in meta["attempts"] if a["attempt"] == "NNCF accuracy-controlled quantization")
+    assert ac["max_iterations"] == int(max_reverted * 13)  # 12 convolutions and the head
+    assert ac["agreement"] >= 0.95 and ac["float_share"] > 0.25  # accuracy back, by giving most quantizers to float
+    assert any(line.startswith("    NNCF: Reverted") for line in logs)  # its steps are the build's progress
+    if max_reverted < ac["float_share"]:  # not an int8 model: the guard moves on to the fallback
+        assert not ac["within_budget"] and meta["decision"] == "fallback-fp32"
+        assert any("back in float" in line for line in logs)
+    else:
+        assert ac["within_budget"] and meta["decision"] == "int8"
 
 
 def _force_int8_loss(monkeypatch):

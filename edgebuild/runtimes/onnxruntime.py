@@ -57,6 +57,7 @@ class OrtRunner(Runner):
 
 def quantize_onnxruntime(src: Path, dst: Path, calib: np.ndarray, profile: TargetProfile, calibration: str | None = None,
                          exclude_nodes: list[str] | None = None) -> dict:
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -103,7 +104,9 @@ def quantize_onnxruntime(src: Path, dst: Path, calib: np.ndarray, profile: Targe
     finally:
         pre.unlink(missing_ok=True)
     stripped = strip_debug_metadata(dst)
+    quantizers = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(dst), load_external_data=False).graph.node)
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "calibration": method, "stripped_node_metadata": stripped,
+            "quantizers": quantizers,
             "per_channel": profile.quantization.per_channel, "activations": "uint8", "weights": "int8",
             "excluded_nodes": exclude_nodes or [], "seconds": time.perf_counter() - t0}
 

@@ -3,6 +3,8 @@ AVX512-BF16/AMX the plugin would otherwise run "fp32" models in bf16."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -89,6 +91,40 @@ def to_openvino(onnx_path: Path, xml_path: Path, profile: TargetProfile, example
     return {"seconds": time.perf_counter() - t0, "bytes": xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size}
 
 
+WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
+PROGRESS = ("Total number of quantized", "Accuracy drop", "Reverted", "Re-calculating ranking", "Algorithm completed", "Maximum number")
+
+
+@contextlib.contextmanager
+def nncf_progress(log):
+    """NNCF's accuracy-control steps (minutes on big models) as build log lines; NNCF's own console
+    handler stays quiet."""
+    lg = logging.getLogger("nncf")
+    if log is None:
+        yield
+        return
+
+    class Forward(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage().strip().splitlines()
+            if msg and msg[0].startswith(PROGRESS):
+                log(f"    NNCF: {msg[0].rstrip(':')}")
+
+    saved = lg.level, [(h, h.level) for h in lg.handlers]
+    for h in lg.handlers:
+        h.setLevel(logging.ERROR)
+    fwd = Forward(logging.INFO)
+    lg.addHandler(fwd)
+    lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lg.removeHandler(fwd)
+        lg.setLevel(saved[0])
+        for h, level in saved[1]:
+            h.setLevel(level)
+
+
 def quantize_openvino(src_xml: Path, dst_xml: Path, calib: np.ndarray, profile: TargetProfile, ignored: list[str] | None = None,
                       preset: str | None = None, accuracy_control: dict | None = None) -> dict:
     import nncf
@@ -107,19 +143,30 @@ def quantize_openvino(src_xml: Path, dst_xml: Path, calib: np.ndarray, profile: 
             kwargs = {}
             if ignored:
                 kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
+            info = {}
             if accuracy_control:
+                from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
                 ac = accuracy_control
-                q = nncf.quantize_with_accuracy_control(
-                    model, nncf.Dataset(items), nncf.Dataset(ac["val_items"]), ac["validation_fn"], max_drop=ac["max_drop"],
-                    drop_type=nncf.DropType.ABSOLUTE, preset=qpreset, subset_size=len(items), **kwargs)
+                # each iteration returns a group of operations to float: bounded in time here, and the
+                # guard rejects a result that is mostly float (seen unbounded: 75 of 78 operations
+                # reverted in 150 s, an fp32 model in an int8 file)
+                weighted = sum(o.get_type_name() in WEIGHTED for o in model.get_ordered_ops())
+                info["max_iterations"] = max(1, int(profile.quantization.max_reverted * weighted))
+                with nncf_progress(ac.get("log")):
+                    q = nncf.quantize_with_accuracy_control(
+                        model, nncf.Dataset(items), nncf.Dataset(ac["val_items"]), ac["validation_fn"], max_drop=ac["max_drop"],
+                        drop_type=nncf.DropType.ABSOLUTE, preset=qpreset, subset_size=len(items),
+                        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=info["max_iterations"]), **kwargs)
             else:
                 q = nncf.quantize(model, nncf.Dataset(items), preset=qpreset, subset_size=len(items), **kwargs)
             save_model(q, dst_xml, compress_to_fp16=False)
+            info["quantizers"] = sum(o.get_type_name() == "FakeQuantize" for o in q.get_ordered_ops())
     except Exception as e:
         raise ModelError(f"NNCF quantization failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                          hint="try preset: mixed in the target profile, or an fp16/fp32 target") from e
     return {"tool": "nncf.quantize_with_accuracy_control" if accuracy_control else "nncf.quantize", "nncf_version": nncf.__version__, "preset": preset,
-            "ignored": ignored or [], "seconds": time.perf_counter() - t0}
+            "ignored": ignored or [], **info, "seconds": time.perf_counter() - t0}
 
 
 

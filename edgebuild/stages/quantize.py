@@ -72,11 +72,20 @@ def _measure(rec: dict, logits: np.ndarray, y: np.ndarray, ref_pred: np.ndarray 
         rec["agreement"] = float((logits.argmax(1) == ref_pred).mean()) if len(y) else 1.0
 
 
-def _within(rec: dict, limits: dict) -> bool:
-    """Every guarded limit met (an attempt that could not be measured meets none)."""
+def _float_share(rec: dict, earlier: list[dict]) -> None:
+    """The share of quantizers an attempt gave back to float, against the most any of ``earlier``
+    kept (accuracy control can revert a model to float and still write an "int8" file)."""
+    most = max((a.get("quantizers") or 0 for a in earlier), default=0)
+    if rec.get("quantizers") is not None and most:
+        rec["float_share"] = round(max(0.0, 1 - rec["quantizers"] / most), 4)
+
+
+def _within(rec: dict, limits: dict, max_reverted: float = 1.0) -> bool:
+    """Every guarded limit met (an attempt that could not be measured meets none), and no more than
+    ``max_reverted`` of the quantizers given back to float."""
     if "accuracy" not in rec:
         return False
-    ok = True
+    ok = rec.get("float_share", 0.0) <= max_reverted + 1e-12
     if "max_accuracy_drop" in limits:
         ok &= rec["drop"] <= limits["max_accuracy_drop"] + 1e-12
     if "min_accuracy" in limits:
@@ -93,6 +102,8 @@ def _shown(rec: dict, limits: dict) -> str:
              + (f", min {limits['min_accuracy']})" if "min_accuracy" in limits else ")")]
     if "agreement" in rec:
         parts.append(f"agreement {rec['agreement']:.4f}" + (f" (min {limits['min_agreement']})" if "min_agreement" in limits else ""))
+    if "float_share" in rec:
+        parts.append(f"{rec['quantizers']} quantizers, {rec['float_share']:.0%} of them back in float")
     return ", ".join(parts)
 
 
@@ -178,7 +189,7 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
                 n += len(y)
             return hits / max(n, 1)
 
-        ac = {"val_items": val_items, "validation_fn": validation_fn, "max_drop": max_drop}
+        ac = {"val_items": val_items, "validation_fn": validation_fn, "max_drop": max_drop, "log": log}
 
     attempts: list[dict] = []
     chosen = None
@@ -191,7 +202,10 @@ def run(profile: TargetProfile, src: Path, out: Path, calib: np.ndarray, *, Xval
             rec.update({k: v for k, v in info.items() if k != "seconds"}, seconds=round(info["seconds"], 3))
             if not why_not:
                 _measure(rec, host_logits(profile, adir, "int8", Xval), yval, ref_pred, base)
-            rec["within_budget"] = _within(rec, limits) if guard else None
+            # against earlier attempts that kept the same layers in float by choice (that remedy is
+            # named and bounded; what accuracy control gives back is not)
+            _float_share(rec, [a for a, (_, o) in zip(attempts, plan) if bool(o.get("float_layers")) == bool(opts.get("float_layers"))])
+            rec["within_budget"] = _within(rec, limits, profile.quantization.max_reverted) if guard else None
         except ModelError as e:
             if not guard:
                 raise
