@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
