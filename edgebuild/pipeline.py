@@ -315,8 +315,9 @@ class Build:
         # the model pruning starts from: the transferred one or its student
         bstep, bdir, bmeta = distill_stage.in_build(self, by, tstep, tdir, tmeta, models, example) if ("distill", "") in by else (tstep, tdir, tmeta)
         if cfg.compress.search is not None and distributed.is_main():  # each target's candidate, then the plan again
-            steps = search_stage.run(self, bstep, bdir, bmeta, fp32_acc, example)
+            steps = search_stage.run(self, bstep, bdir, bmeta, fp32_acc, example, ref_logits.argmax(1) == data.yval)
             by = {(s.stage, s.target): s for s in steps}
+            warnings_ += self.search.get("warnings", [])
         for pstep in (s for s in steps if s.stage == "prune"):
             pdir = self._stage(pstep, self.prune_builder(pstep, bstep, bdir, bmeta), shared=True)
             if not distributed.is_main():

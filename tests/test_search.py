@@ -43,12 +43,15 @@ def test_search_chooses_the_fastest_candidate_within_budget(tiny_project):
     # no finalist that also meets the budget is faster
     assert all(r["p50_ms"] >= c["p50_ms"] for r in rows if r["final_accuracy"] is not None and base - r["final_accuracy"] <= 0.2)
     assert c["label"] in g["why"]
+    # the drop paired image by image, with its 95% interval; a warning where val cannot resolve the budget
+    assert c["final_drop"] == pytest.approx(base - c["final_accuracy"], abs=1e-6) and "± " in g["why"]
+    assert (c["drop_ci95"] > 0.2) == any("resolve an accuracy drop" in w for w in res.report["warnings"])
     # the bundle is that candidate
     m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-int8" / "manifest.json").read_text())
     assert m["search"]["chosen"]["label"] == c["label"] and m["model"]["precision"] == c["precision"]
     assert (m["metrics"]["macs"] < rows[0]["macs"]) == (c["prune"]["ratio"] > 0)
     html = (tiny_project / "dist" / "report.html").read_text()
-    assert "<h2>Search</h2>" in html and 'class="chosen"' in html and "Why this one" in html
+    assert "<h2>Search</h2>" in html and 'class="chosen"' in html and "Why this one" in html and f"&plusmn; {c['drop_ci95']:.4f}" in html
     assert html.count('class="dominated"') == sum(not r["pareto"] for r in rows)
     assert res.report["search"]["groups"][0]["chosen"] == g["chosen"]
 
@@ -93,6 +96,19 @@ def test_target_that_cannot_run_here_gets_a_labelled_estimate(tiny_project):
     _build(tiny_project, space + "budgets: {min_agreement: 0.0}\n", targets="[arm-int8]")
     (r,) = json.loads((tiny_project / "dist" / "search.json").read_text())["groups"][0]["candidates"]
     assert r["latency_source"].startswith("estimate: onnxruntime on this host's CPU")
+
+
+def test_paired_drop_interval():
+    base = np.array([1, 1, 1, 1, 0, 0, 1, 1] * 25, float)
+    same = search_stage.paired_drop(base, base)
+    assert same == (0.0, 0.0)  # the same images right: no drop and no noise, whatever the val size
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:20]] = 0  # 20 of 200 images lost, no other change
+    drop, ci = search_stage.paired_drop(base, worse)
+    d = np.r_[np.ones(20), np.zeros(180)]
+    assert drop == pytest.approx(0.1) and ci == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(200), abs=1e-6)
+    # four times the images halve the interval
+    assert search_stage.paired_drop(np.tile(base, 4), np.tile(worse, 4))[1] == pytest.approx(ci / 2, rel=0.02)
 
 
 def test_pareto_spearman_and_bn_recalibration():

@@ -200,9 +200,11 @@ class Inputs(NamedTuple):
     calib: np.ndarray  # int8 calibration images
 
 
-def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.Tensor) -> list:
+def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.Tensor, base_hits: np.ndarray) -> list:
     """Search every target group; sets ``b.profiles`` precision, ``b.prune_for`` and
-    ``b.size_for``; writes dist/search.json; returns the build's new plan."""
+    ``b.size_for``; writes dist/search.json; returns the build's new plan. ``base_hits``: which val
+    images the model the accuracy budget is measured against gets right (``base_accuracy`` is
+    their mean); finalists' drops are paired with it image by image."""
     from ..data import calibration_indices
 
     cfg, data, sc = b.cfg, b.data(), b.cfg.compress.search
@@ -228,8 +230,10 @@ def run(b, bstep, bdir: Path, bmeta: dict, base_accuracy: float, example: torch.
         for key, names in groups(b.profiles).items():
             prof = b.profiles[names[0]]
             budgets = validate_stage.merged_budgets(prof, cfg.budgets)
-            g = _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_accuracy, inputs, hold, recover, t_end)
+            g = _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_hits, inputs, hold, recover, t_end)
             report["groups"].append(g)
+            if g.get("warning"):
+                report.setdefault("warnings", []).append(g["warning"])
             _write(out_path, report)
             if g["chosen"] is None:
                 rows = sorted((r for r in g["candidates"] if not r.get("failed")), key=lambda r: -(r.get("final_accuracy") if r.get("final_accuracy") is not None else r["proxy_accuracy"]))[:5]
@@ -271,8 +275,9 @@ def _write(path: Path, report: dict) -> None:
     write_atomic(path, json.dumps(report, indent=2, default=str))
 
 
-def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_acc, inputs, hold, recover, t_end) -> dict:
+def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_hits, inputs, hold, recover, t_end) -> dict:
     cfg, sc, log = b.cfg, b.cfg.compress.search, b.progress.log
+    base_acc = float(np.mean(base_hits))
     cands = candidates(cfg, prof)
     log(f"search [{', '.join(names)}]: {len(cands)} candidates, budgets {budgets}")
     rows: list[dict] = []
@@ -302,7 +307,7 @@ def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_
             + ", ".join(f"{rows[i]['label']} ({rows[i]['p50_ms']:.2f} ms, {rows[i]['proxy_accuracy']:.3f})" for i in sorted(front(rows), key=lambda i: rows[i]['p50_ms'])))
     for i in front(rows):
         rows[i]["pareto"] = True
-    chosen = _finalists(b, prof, rows, budgets, base_acc, bstep, bdir, inputs, recover, t_end)
+    chosen = _finalists(b, prof, rows, budgets, base_hits, bstep, bdir, inputs, recover, t_end)
     done = [r for r in rows if r["final_accuracy"] is not None]
     g = {"targets": names, "profile": settings, "budgets": budgets, "candidates": rows, "chosen": chosen,
          "rank_correlation_proxy_final": spearman([r["proxy_accuracy"] for r in done], [r["final_accuracy"] for r in done]),
@@ -313,7 +318,8 @@ def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_
         unpruned = sorted((r for r in rows if not r.get("failed") and r["prune"]["ratio"] == 0 and not r["prune"]["stage_ratios"] and not resized(cfg, r)
                            and r["precision"] in ("int8", c["precision"])), key=lambda r: r["precision"] != "int8")  # the unpruned int8 artifact first
         g["why"] = (f"{c['label']}: the fastest candidate (p50 {c['p50_ms']:.3f} ms, p90 {c['p90_ms']:.3f} ms) whose final accuracy "
-                    f"{c['final_accuracy']:.4f} is within max_accuracy_drop {budgets.get('max_accuracy_drop')} of {base_acc:.4f}"
+                    f"{c['final_accuracy']:.4f} is within max_accuracy_drop {budgets.get('max_accuracy_drop')} of {base_acc:.4f} "
+                    f"(drop {c['final_drop']:+.4f} ± {c['drop_ci95']:.4f} at 95% over {len(base_hits)} val images)"
                     + (f" and that meets max_latency_ms {budgets['max_latency_ms']}" if "max_latency_ms" in budgets else "")
                     + (f" and max_size_mb {budgets['max_size_mb']}" if "max_size_mb" in budgets else "")
                     + (f"; input {c['input_size'][0]}x{c['input_size'][1]} instead of the build's {cfg.preprocess.input_size[0]}x{cfg.preprocess.input_size[1]}"
@@ -321,6 +327,11 @@ def _search_group(b, prof, names, budgets, bstep, bdir, base_model, bmeta, base_
                     + (f"; {unpruned[0]['p50_ms'] / c['p50_ms']:.2f}x the speed of {unpruned[0]['label']}" if unpruned else "")
                     + (f"; latency is an {c['latency_source']}" if c["latency_source"] != "measured" else ""))
         log(f"  search chose {g['why']}")
+        if budgets.get("max_accuracy_drop") is not None and c["drop_ci95"] > budgets["max_accuracy_drop"]:
+            g["warning"] = (f"search [{', '.join(names)}]: {len(base_hits)} val images resolve an accuracy drop only to ± {c['drop_ci95']:.4f} "
+                            f"(95%), more than max_accuracy_drop {budgets['max_accuracy_drop']}: the chosen {c['label']}'s drop "
+                            f"{c['final_drop']:+.4f} may not hold on new images; a test split (data.test) or a bigger val set checks it")
+            log(f"  warning: {g['warning']}")
     return g
 
 
@@ -346,16 +357,21 @@ def _meets(r: dict, budgets: dict) -> bool:
             and ("max_size_mb" not in budgets or r["size_bytes"] / 1e6 <= budgets["max_size_mb"]))
 
 
-def _finalists(b, prof, rows, budgets, base_acc, bstep, bdir, inputs, recover, t_end) -> int | None:
-    """Successive halving: full recovery for the fastest front candidates, a round at a time."""
+def _finalists(b, prof, rows, budgets, base_hits, bstep, bdir, inputs, recover, t_end) -> int | None:
+    """Successive halving: full recovery for the fastest front candidates, a round at a time.
+    Each finalist's drop is paired image by image with ``base_hits``, with its 95% interval."""
     sc, log = b.cfg.compress.search, b.progress.log
+    base_acc = float(np.mean(base_hits))
     drop = budgets.get("max_accuracy_drop")
     order = sorted((i for i, r in enumerate(rows) if not r.get("failed") and _meets(r, budgets)), key=lambda i: (not rows[i]["pareto"], rows[i]["p50_ms"]))
     for start in range(0, len(order), sc.finalists):
         batch = order[start : start + sc.finalists]
         for i in batch:
-            rows[i]["final_accuracy"] = _final(b, prof, rows[i], bstep, bdir, inputs, recover)
-            log(f"  finalist {rows[i]['label']}: final accuracy {rows[i]['final_accuracy']:.4f} (proxy {rows[i]['proxy_accuracy']:.4f})")
+            hits = _final(b, prof, rows[i], bstep, bdir, inputs, recover)
+            rows[i]["final_accuracy"] = float(hits.mean())
+            rows[i]["final_drop"], rows[i]["drop_ci95"] = paired_drop(base_hits, hits)
+            log(f"  finalist {rows[i]['label']}: final accuracy {rows[i]['final_accuracy']:.4f} (proxy {rows[i]['proxy_accuracy']:.4f}), "
+                f"drop {rows[i]['final_drop']:+.4f} ± {rows[i]['drop_ci95']:.4f}")
         ok = [i for i in batch if drop is None or base_acc - rows[i]["final_accuracy"] <= drop + 1e-12]
         if ok:
             return min(ok, key=lambda i: rows[i]["p50_ms"])
@@ -365,9 +381,18 @@ def _finalists(b, prof, rows, budgets, base_acc, bstep, bdir, inputs, recover, t
     return None
 
 
-def _final(b, prof, r, bstep, bdir, inputs, recover) -> float:
+def paired_drop(base_hits: np.ndarray, hits: np.ndarray) -> tuple[float, float]:
+    """The accuracy drop from ``base_hits`` to ``hits`` (which of the same images each model gets
+    right) and the half-width of its 95% interval: a normal approximation over the per-image
+    differences, so images both models get right or wrong add no noise."""
+    diff = np.asarray(base_hits, np.float64) - np.asarray(hits, np.float64)
+    ci = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return round(float(diff.mean()), 6), round(ci, 6)
+
+
+def _final(b, prof, r, bstep, bdir, inputs, recover) -> np.ndarray:
     """Full recovery through the prune stage at the candidate's input size (cached: the final
-    build reuses it), then the artifact's accuracy on the whole val set at that size."""
+    build reuses it), then which of the whole val set (at that size) the artifact gets right."""
     from . import distill as distill_stage
 
     cfg = b.cfg
@@ -384,4 +409,4 @@ def _final(b, prof, r, bstep, bdir, inputs, recover) -> float:
         art = Path(tmp)
         prec = artifact(model, inp.example, prof, r["precision"], inp.calib, art)
         mprof = prof if not unavailable_reason(prof) else prof.model_copy(update={"device": "CPU", "arch": "any"})
-        return float((open_runner(mprof, art, prec).run(inp.data.Xval).argmax(1) == inp.data.yval).mean())
+        return (open_runner(mprof, art, prec).run(inp.data.Xval).argmax(1) == inp.data.yval).astype(np.float64)
