@@ -57,11 +57,19 @@ def published_whole(dist: Path) -> str:
     return next(iter(gens))[1]
 
 
+def sigint_as_a_terminal_gives_it() -> None:
+    """In the build's process before it starts: a suite started in the background (``cmd &``,
+    nohup, some CI runners) has SIGINT ignored, children inherit that, and Python then never
+    raises KeyboardInterrupt; a Ctrl-C from a terminal is what these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def build_proc(project: Path, cache: Path, out: Path | None = None):
     env = dict(os.environ, EDGEBUILD_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "edgebuild", "build", str(project / "edgebuild.yaml"), "-t", "x86-onnxruntime-fp32",
                              "-t", "x86-openvino-int8", "--reproducible", *(["-o", str(out)] if out else [])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project,
+                            preexec_fn=sigint_as_a_terminal_gives_it)
 
 
 def wait_for(proc, marker: str, timeout=300) -> str:
