@@ -50,7 +50,7 @@ def strip_timings(obj):
 
 def compression(pmeta: dict) -> dict:
     """The prune stage's record for reports and manifests."""
-    keys = ("ratio", "importance", "scope", "align", "kept", "recover_epochs", "recovery", "accuracy_before", "accuracy_after_prune",
+    keys = ("ratio", "importance", "scope", "align", "kept", "kept_automatically", "recover_epochs", "recovery", "accuracy_before", "accuracy_after_prune",
             "accuracy_recovered", "params_before", "params", "params_ratio", "macs_before", "macs", "macs_ratio", "host_latency_before", "host_latency")
     return {"prune": {k: pmeta.get(k) for k in keys}, "distill": pmeta.get("recovery", {}).get("loss") == "distillation"}
 

@@ -1,15 +1,20 @@
 """Structured channel pruning with Torch-Pruning: the library glue behind the prune stage.
 
 ``prune_model`` traces the model with Torch-Pruning's dependency graph and removes channels
-physically (convolutions, batch norms, linears and everything coupled to them). A failure to
-trace or to prune names the layer involved (a forward hook remembers the last one entered) and
-hints at ``compress.prune.keep``. The stage (``edgebuild.stages.prune``) adds recovery training,
+physically (convolutions, batch norms, linears and everything coupled to them). Attention blocks
+(a module with ``num_heads``, ``nn.MultiheadAttention``) keep their channels: their reshapes into
+heads are not in the graph. A layer Torch-Pruning fails on, or after which the pruned model no
+longer runs, is kept too and the model is pruned again from the original (at most
+``AUTO_KEEP_TRIES`` times); the result lists every layer kept that way. A failure it cannot
+place names the layer involved (a forward hook remembers the last one entered) and hints at
+``compress.prune.keep``. The stage (``edgebuild.stages.prune``) adds recovery training,
 saving and the figures; the search stage calls ``prune_model`` for its candidates.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from typing import Optional
@@ -21,6 +26,42 @@ from .errors import ConfigError, ModelError, did_you_mean
 
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("global", "uniform")
+AUTO_KEEP_TRIES = 16
+
+
+class _Unprunable(Exception):
+    """One pruning try failed; ``layer``: the layer to keep on the next try (None: not known)."""
+
+    def __init__(self, error: ModelError, layer: Optional[str]):
+        super().__init__(error.message)
+        self.error, self.layer = error, layer
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the attention blocks (outermost only): modules with an integer ``num_heads`` and
+    ``nn.MultiheadAttention``."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        if name and (isinstance(getattr(m, "num_heads", None), int) or isinstance(m, nn.MultiheadAttention)) \
+                and not any(name.startswith(f"{o}.") for o in out):
+            out.append(name)
+    return out
+
+
+def _failing_group_root(e: BaseException, names: dict) -> Optional[str]:
+    """The root layer of the Torch-Pruning group being worked on when ``e`` was raised (from the
+    ``group`` local of the library's frames), or None."""
+    tb = e.__traceback__
+    while tb is not None:
+        g = tb.tb_frame.f_locals.get("group")
+        try:
+            name = names.get(g[0].dep.target.module) if g is not None else None
+        except Exception:  # noqa: BLE001 - not a Torch-Pruning group
+            name = None
+        if name:
+            return name
+        tb = tb.tb_next
+    return None
 
 
 def resolve_layers(model: nn.Module, names: list[str], what: str = "prune.keep") -> list[nn.Module]:
@@ -92,13 +133,12 @@ def prune_model(
     batch_size: int = 32,
     ratio_dict: Optional[dict[str, float]] = None,
 ) -> dict:
-    """Prune ``model`` in place; returns what was done (ratio, kept layers, channel counts).
+    """Prune ``model`` in place; returns what was done (ratio, kept layers, the layers kept
+    automatically, channel counts).
 
     ``grad_data`` (X, y) gives the few batches of gradients Taylor importance needs.
     ``ratio_dict`` maps module names (a stage such as ``layer3``) to their own ratio.
     """
-    import torch_pruning as tp
-
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ConfigError(f"compress.prune.ratio = {ratio!r}: must be >= 0 and < 1", hint="e.g. ratio: 0.5 removes half the channels of each prunable layer")
     if scope not in SCOPES:
@@ -107,12 +147,35 @@ def prune_model(
         raise ConfigError(f"align = {align!r}: must be >= 1", hint="set align in the target profile")
     imp = _importance(importance)
     kept_names = list(dict.fromkeys(([head] if head else []) + list(keep)))
-    ignored = resolve_layers(model, [head] if head else [], "head") + resolve_layers(model, list(keep))
+    resolve_layers(model, [head] if head else [], "head") + resolve_layers(model, list(keep))  # names checked up front
     model.eval()
-    before = _channels(model)
     if ratio == 0 and not ratio_dict:
         return {"ratio": 0.0, "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": {}}
+    auto = [n for n in attention_layers(model) if n not in kept_names]
+    pristine = copy.deepcopy(model)
+    for _ in range(AUTO_KEEP_TRIES):
+        try:
+            info = _prune_once(model, example, ratio=float(ratio), imp=imp, importance=importance, scope=scope, keep=kept_names + auto,
+                               align=align, grad_data=grad_data, grad_batches=grad_batches, batch_size=batch_size, ratio_dict=ratio_dict)
+            return {**info, "kept": kept_names, "kept_automatically": auto}
+        except _Unprunable as e:
+            if not e.layer or e.layer in kept_names or e.layer in auto:
+                raise e.error from e.__cause__
+            auto.append(e.layer)
+            fresh = copy.deepcopy(pristine).__dict__  # back to the original, in place: callers hold ``model``
+            model.__dict__.clear()
+            model.__dict__.update(fresh)
+    raise ModelError(f"Torch-Pruning failed on {len(auto)} layers of this model, each kept in turn ({', '.join(auto[:6])}, ...)",
+                     hint="prune a smaller ratio, list the layers that should keep their channels in compress.prune.keep, or remove compress.prune")
 
+
+def _prune_once(model, example, *, ratio, imp, importance, scope, keep, align, grad_data, grad_batches, batch_size, ratio_dict) -> dict:
+    """One try of :func:`prune_model` with ``keep`` (names) left whole; raises :class:`_Unprunable`."""
+    import torch_pruning as tp
+
+    ignored = resolve_layers(model, list(keep))
+    before = _channels(model)
+    names = {m: n for n, m in model.named_modules()}
     tracker = _LastModule(model)
     try:
         with _quiet():
@@ -124,8 +187,9 @@ def prune_model(
             )
     except Exception as e:
         where = f" at layer '{tracker.last}'" if tracker.last else ""
-        raise ModelError(f"Torch-Pruning cannot trace the model{where}: {type(e).__name__}: {_first_line(e)}",
-                         hint="add the layer to compress.prune.keep, or remove compress.prune for this model") from e
+        err = ModelError(f"Torch-Pruning cannot trace the model{where}: {type(e).__name__}: {_first_line(e)}",
+                         hint="add the layer to compress.prune.keep, or remove compress.prune for this model")
+        raise _Unprunable(err, None) from e  # the trace itself: keeping a layer does not change it
     finally:
         tracker.close()
 
@@ -149,13 +213,19 @@ def prune_model(
         with _quiet():
             pruner.step()
     except Exception as e:
-        raise ModelError(f"Torch-Pruning failed to prune the model: {type(e).__name__}: {_first_line(e)}",
-                         hint="add the failing layer to compress.prune.keep") from e
+        layer = _failing_group_root(e, names)
+        err = ModelError(f"Torch-Pruning failed to prune the model{f' at layer {layer!r}' if layer else ''}: {type(e).__name__}: {_first_line(e)}",
+                         hint=f"add '{layer}' to compress.prune.keep" if layer else "add the failing layer to compress.prune.keep")
+        raise _Unprunable(err, layer) from e
     model.zero_grad(set_to_none=True)
-    check_forward(model, example)
+    try:
+        check_forward(model, example)
+    except ModelError as e:
+        raise _Unprunable(e, getattr(e, "layer", None)) from e.__cause__
     after = _channels(model)
     changed = {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}
-    return {"ratio": float(ratio), **({"stage_ratios": dict(ratio_dict)} if ratio_dict else {}), "importance": importance, "scope": scope, "align": int(align), "kept": kept_names, "layers_changed": changed}
+    return {"ratio": float(ratio), **({"stage_ratios": dict(ratio_dict)} if ratio_dict else {}), "importance": importance, "scope": scope,
+            "align": int(align), "layers_changed": changed}
 
 
 def check_forward(model: nn.Module, example: torch.Tensor) -> None:
@@ -165,8 +235,10 @@ def check_forward(model: nn.Module, example: torch.Tensor) -> None:
             model.eval()(example)
     except Exception as e:
         where = tracker.where()
-        raise ModelError(f"the pruned model no longer runs: {where} failed: {type(e).__name__}: {_first_line(e)}",
-                         hint=f"add '{tracker.last}' (or the layer feeding it) to compress.prune.keep" if tracker.last else "add the failing layer to compress.prune.keep") from e
+        err = ModelError(f"the pruned model no longer runs: {where} failed: {type(e).__name__}: {_first_line(e)}",
+                         hint=f"add '{tracker.last}' (or the layer feeding it) to compress.prune.keep" if tracker.last else "add the failing layer to compress.prune.keep")
+        err.layer = tracker.last
+        raise err from e
     finally:
         tracker.close()
 

@@ -152,6 +152,63 @@ def test_model_that_breaks_after_pruning_names_the_layer():
         prune_stage.prune_model(Hardcoded(), torch.zeros(1, 1, 8, 8), ratio=0.5, head="fc", align=4)
 
 
+def test_layer_that_breaks_the_pruned_model_is_kept_and_pruning_retried():
+    class Hardcoded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
+
+        def forward(self, x):
+            y = self.conv2(torch.relu(self.conv1(x)))
+            return self.fc(y.view(x.shape[0], 16, x.shape[2], x.shape[3]).mean((2, 3)))  # conv2's 16 written in
+
+    model, x = Hardcoded().eval(), torch.zeros(1, 1, 8, 8)
+    info = prune_stage.prune_model(model, x, ratio=0.5, head="fc", align=4)
+    assert info["kept_automatically"] == ["conv2"]  # the first try broke right after it
+    assert model.conv1.out_channels == 8 and model.conv2.out_channels == 16 and model.conv2.in_channels == 8
+    assert model(x).shape == (1, 3)  # the caller's object holds the pruned model
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Hybrid(nn.Module):
+    """Convolutions, then tokens through an attention block (a MobileViT in miniature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.attn, self.fc = _Attention(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.conv2(torch.relu(self.conv1(x))).flatten(2).transpose(1, 2)
+        return self.fc((t + self.attn(t)).mean(1))
+
+
+def test_attention_blocks_keep_their_channels(monkeypatch):
+    torch.manual_seed(0)
+    model, x = _Hybrid().eval(), torch.zeros(1, 1, 8, 8)
+    info = prune_stage.prune_model(model, x, ratio=0.5, head="fc", align=4)
+    assert info["kept_automatically"] == ["attn"]
+    assert model.conv1.out_channels == 16  # the convolutions still prune
+    assert model.attn.qkv.out_features == 48 and model.conv2.out_channels == 16  # the heads' width is whole
+    assert model(x).shape == (1, 3)
+    # without that, the heads' reshape breaks and keeping the one layer named does not help: exit 2 naming it
+    import edgebuild.pruning as pruning
+
+    monkeypatch.setattr(pruning, "attention_layers", lambda m: [])
+    with pytest.raises(ModelError, match="right after layer 'attn.qkv'"):
+        prune_stage.prune_model(_Hybrid().eval(), x, ratio=0.5, head="fc", align=4)
+
+
 @pytest.mark.parametrize("kind", ["residual", "hf-mobilenetv2"])
 def test_save_load_round_trip(kind, tmp_path):
     model, head, x = _build(kind)

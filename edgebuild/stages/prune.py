@@ -37,7 +37,7 @@ from ..training import fit, pick_device, predict, seed_everything
 
 NAME = "prune"
 RECALIBRATION_SAMPLES = 256
-VERSION = 5  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept; 4: BatchNorm recalibrated after pruning; 5: TF-style BatchNorm momentum
+VERSION = 6  # 3: recover_epochs defaults to half the transfer epochs; best recovery epoch kept; 4: BatchNorm recalibrated after pruning; 5: TF-style BatchNorm momentum; 6: attention blocks and layers Torch-Pruning fails on kept whole
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +182,12 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
     info = prune_model(student, example, ratio=pc.ratio, importance=pc.importance, scope=pc.scope, keep=pc.keep,
                        head=tmeta.get("head"), align=align, grad_data=(data.Xtrain, data.ytrain), batch_size=min(tc.batch_size, 64),
                        ratio_dict=pc.stage_ratios)
+    warnings_ = []
+    if info.get("kept_automatically"):
+        auto = info["kept_automatically"]
+        progress.log(f"  kept whole: {len(auto)} layers Torch-Pruning cannot prune in this model (attention blocks, or a try failed there): {', '.join(auto)}")
+        warnings_.append(f"pruning kept {len(auto)} layers whole that Torch-Pruning cannot prune in this architecture ({', '.join(auto[:4])}"
+                         f"{', ...' if len(auto) > 4 else ''}); the manifest's compression.kept_automatically lists them")
     rows = np.sort(np.random.default_rng(cfg.seed).permutation(len(data.ytrain))[:RECALIBRATION_SAMPLES])
     recalibrate_bn(student, data.Xtrain[rows])  # the unpruned network's statistics no longer fit
     after = model_figures(student, example, data.Xval, data.yval)
@@ -190,7 +196,6 @@ def run(cfg: BuildConfig, data, teacher: nn.Module, tmeta: dict, align: int, out
                  f"(BatchNorm recalibrated on {len(rows)} training images)")
     lr = pc.lr if pc.lr is not None else tc.effective_lr
     recover_epochs = pc.effective_recover_epochs(tc.epochs)
-    warnings_ = []
     if recover_epochs == 0:
         warnings_.append(f"compress.prune.recover_epochs is 0: the pruned model is not retrained; its val accuracy right after pruning is "
                          f"{after['val_accuracy']:.4f} (before pruning: {before['val_accuracy']:.4f})")

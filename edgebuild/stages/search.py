@@ -49,7 +49,7 @@ from . import transfer as transfer_stage
 from . import validate as validate_stage
 
 NAME = "search"
-VERSION = 1
+VERSION = 2  # 2: attention blocks and layers Torch-Pruning fails on kept whole
 
 
 # ----------------------------------------------------------------------------------------------
