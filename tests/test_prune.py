@@ -339,3 +339,58 @@ def test_pipeline_prune_step_shared_per_align(tiny_project):
     assert m["compression"]["prune"]["ratio"] == 0.5
     assert m["metrics"]["agreement"] == 1.0  # fp32 artifact matches the pruned reference
     assert m["metrics"]["fp32_reference_accuracy"] == r["transfer"]["val_accuracy"]
+
+
+HYBRID_BACKBONE = '''
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class Hybrid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+        self.attn, self.fc = Attention(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.fc((t + self.attn(t)).mean(1))
+
+
+def build():
+    return Hybrid()
+'''
+
+
+def test_pipeline_prunes_a_hybrid_backbone_and_says_what_it_kept(tiny_project):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+
+    (tiny_project / "backbone.py").write_text(HYBRID_BACKBONE)
+    spec = importlib.util.spec_from_file_location("hybrid_backbone", tiny_project / "backbone.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    save_file(mod.build().state_dict(), str(tiny_project / "backbone.safetensors"))
+    p = write_config(tiny_project, epochs=1, extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 1}\n")
+    r = Build(load_build_config(p), out=tiny_project / "dist").run().report
+    comp = r["compression"]["align 8"]["prune"]
+    assert comp["kept_automatically"] == ["attn"] and comp["params"] < comp["params_before"]
+    assert any("kept 1 layers whole" in w and "attn" in w for w in r["warnings"])
+    m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_text())
+    assert m["compression"]["prune"]["kept_automatically"] == ["attn"] and m["metrics"]["agreement"] == 1.0
