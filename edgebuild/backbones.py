@@ -20,6 +20,7 @@ from .lazy import torch, nn
 
 from .errors import ModelError, WeightsError, did_you_mean
 from .files import check_path
+from .training import load_state
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +269,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         if unexpected:
             parts.append("unexpected: " + ", ".join(unexpected[:8]) + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         raise WeightsError(f"{path}: weights do not fit the backbone ({'; '.join(parts)})", hint="check that the weights belong to this backbone source")
-    target.load_state_dict(sd, strict=True)
+    load_state(target, sd)
 
 
 # ----------------------------------------------------------------------------------------------

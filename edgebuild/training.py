@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -36,6 +37,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_state(module: nn.Module, sd: dict) -> None:
+    """``module.load_state_dict(sd, strict=True)`` for a state dict without per-module
+    ``_metadata`` (one read from safetensors, or a copied dict): the module's own versions are
+    used, as a state dict saved by torch.save would carry them. torchvision's MNASNet, for one,
+    refuses a state dict without its version."""
+    if getattr(sd, "_metadata", None) is None:
+        meta = getattr(module.state_dict(), "_metadata", None)
+        sd = OrderedDict(sd)
+        if meta is not None:
+            sd._metadata = meta
+    module.load_state_dict(sd, strict=True)
 
 
 @no_grad
@@ -208,7 +222,7 @@ def fit(
         for m, momentum in tf_style:
             m.momentum = momentum
     if best_state is not None and res.best_epoch != len(res.history):
-        model.load_state_dict(best_state)
+        load_state(model, best_state)
     distributed.broadcast_module(model)  # DDP keeps the weights equal; this makes it bit-exact, buffers included
     res.seconds = time.perf_counter() - t_start
     model.eval()

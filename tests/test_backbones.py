@@ -194,3 +194,61 @@ def test_replace_head_in_sequential(tiny_file):
     assert head == "3"
     assert backbones.replace_head(m, head, 2, torch.zeros(1, 1, 8, 8)) == 4
     assert m(torch.zeros(1, 1, 8, 8)).shape == (1, 2)
+
+
+VERSIONED_BACKBONE = '''
+import torch
+from torch import nn
+
+
+class Versioned(nn.Module):
+    """Refuses a state dict without its version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def build():
+    return Versioned()
+'''
+
+
+def test_modules_that_need_their_state_dict_version_load_from_safetensors(tiny_project):
+    """Weights, transfer and prune entries are safetensors, which keep no per-module version:
+    the model's own is used (torchvision's MNASNet crashed the prune stage with a traceback)."""
+    import importlib.util
+
+    from safetensors.torch import load_file, save_file
+
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+    from edgebuild.training import load_state
+
+    from conftest import write_config
+
+    (tiny_project / "backbone.py").write_text(VERSIONED_BACKBONE)
+    spec = importlib.util.spec_from_file_location("versioned_backbone", tiny_project / "backbone.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    save_file(mod.build().state_dict(), str(tiny_project / "backbone.safetensors"))
+    sd = load_file(str(tiny_project / "backbone.safetensors"))
+    with pytest.raises(ValueError, match="version should be set"):
+        mod.build().load_state_dict(sd)
+    m = mod.build()
+    load_state(m, sd)
+    assert torch.equal(m.fc.weight, sd["fc.weight"])
+    p = write_config(tiny_project, epochs=1, extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 2}\n")
+    r = Build(load_build_config(p), out=tiny_project / "dist").run().report
+    assert r["compression"]["align 8"]["prune"]["params"] < r["compression"]["align 8"]["prune"]["params_before"]

@@ -33,7 +33,7 @@ from ..errors import ModelError
 from ..metrics import count_macs, count_params
 from .. import distributed
 from ..pruning import IMPORTANCES, SCOPES, check_forward, prune_model, recalibrate_bn, resolve_layers  # noqa: F401 - public names of this stage
-from ..training import fit, pick_device, predict, seed_everything
+from ..training import fit, load_state, pick_device, predict, seed_everything
 
 NAME = "prune"
 RECALIBRATION_SAMPLES = 256
@@ -98,7 +98,7 @@ def apply_structure(model: nn.Module, struct: dict[str, dict], state: dict[str, 
             t = state.get(prefix + bname)
             if b is not None and t is not None and tuple(t.shape) != tuple(b.shape):
                 m._buffers[bname] = torch.empty_like(t)
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
     return model.eval()
 
 

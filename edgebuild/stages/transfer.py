@@ -24,7 +24,7 @@ from ..augment import Augment
 from ..errors import ModelError
 from ..head import fit_logistic
 from ..metrics import count_macs, count_params
-from ..training import fit, pick_device, predict, seed_everything
+from ..training import fit, load_state, pick_device, predict, seed_everything
 
 NAME = "transfer"
 VERSION = 5  # 4: augmentation, optimizer choice, best epoch, L-BFGS head in features mode, test accuracy; 5: TF-style BatchNorm momentum trains as PyTorch's
@@ -258,5 +258,5 @@ def load_model(cfg: BuildConfig, entry: Path) -> nn.Module:
     meta = json.loads((entry / "meta.json").read_text())
     model, _, _ = build_architecture(cfg, len(meta["classes"]), load_pretrained=False)
     sd = safetensors_torch.load_file(str(entry / "model.safetensors"))
-    model.load_state_dict(sd, strict=True)
+    load_state(model, sd)
     return model.eval()
