@@ -39,6 +39,22 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def main_logits(out):
+    """A model's class scores from its training-mode output: GoogLeNet and Inception v3 return
+    their auxiliary classifiers' too there (a named tuple with ``logits``; eval mode, which
+    export and validation use, returns the tensor alone). The auxiliary heads are not trained."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    from .errors import ModelError
+
+    raise ModelError(f"the model's training-mode output is a {type(out).__name__}, not a tensor of class scores",
+                     hint="make forward() return the logits (a tensor, or an object with .logits)")
+
+
 def load_state(module: nn.Module, sd: dict) -> None:
     """``module.load_state_dict(sd, strict=True)`` for a state dict without per-module
     ``_metadata`` (one read from safetensors, or a copied dict): the module's own versions are
@@ -175,7 +191,7 @@ def fit(
                     if teacher is not None and alpha > 0:
                         with torch.no_grad():
                             tl = teacher(xb)
-                logits = logits.float()
+                logits = main_logits(logits).float()
                 loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
                 if teacher is not None and alpha > 0:
                     kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(tl.float() / temperature, 1), reduction="batchmean") * temperature**2

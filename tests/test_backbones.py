@@ -252,3 +252,45 @@ def test_modules_that_need_their_state_dict_version_load_from_safetensors(tiny_p
     p = write_config(tiny_project, epochs=1, extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 2}\n")
     r = Build(load_build_config(p), out=tiny_project / "dist").run().report
     assert r["compression"]["align 8"]["prune"]["params"] < r["compression"]["align 8"]["prune"]["params_before"]
+
+
+AUX_BACKBONE = '''
+from collections import namedtuple
+
+import torch
+from torch import nn
+
+Outputs = namedtuple("Outputs", ["logits", "aux_logits"])
+
+
+class WithAux(nn.Module):
+    """Like torchvision's GoogLeNet: an auxiliary classifier's scores beside the main ones in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.aux, self.fc = nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = self.body(x)
+        return Outputs(self.fc(f), self.aux(f)) if self.training else self.fc(f)
+
+
+def build():
+    return WithAux()
+'''
+
+
+def test_a_model_with_auxiliary_outputs_in_training_mode_trains_on_its_main_logits(tiny_project):
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+
+    from conftest import write_config
+
+    (tiny_project / "backbone.py").write_text(AUX_BACKBONE)
+    (tiny_project / "backbone.safetensors").unlink()
+    p = write_config(tiny_project, epochs=3)
+    text = p.read_text().replace("  weights: backbone.safetensors\n", "")
+    p.write_text(text)
+    r = Build(load_build_config(p), out=tiny_project / "dist").run().report
+    assert r["transfer"]["val_accuracy"] > 0.5  # it learned (3 classes): the main head was trained
