@@ -186,9 +186,14 @@ def _prune_once(model, example, *, ratio, imp, importance, scope, keep, align, g
                 if ratio_dict else None,
             )
     except Exception as e:
-        where = f" at layer '{tracker.last}'" if tracker.last else ""
+        # a layer's name only where the tracing forward stopped inside it; after a whole forward
+        # (the graph is built from it) the last layer run is not the one at fault
+        inside = tracker.last if tracker.last and not tracker.done else None
+        where = f" at layer '{inside}'" if inside else _library_frame(e)
         err = ModelError(f"Torch-Pruning cannot trace the model{where}: {type(e).__name__}: {_first_line(e)}",
-                         hint="add the layer to compress.prune.keep, or remove compress.prune for this model")
+                         hint=f"add '{inside}' to compress.prune.keep, or remove compress.prune for this model" if inside else
+                         "the model has an operation Torch-Pruning cannot follow (a channel shuffle, say): remove compress.prune for it, "
+                         "or distill it into a student (compress.distill.student) and prune that")
         raise _Unprunable(err, None) from e  # the trace itself: keeping a layer does not change it
     finally:
         tracker.close()
@@ -251,6 +256,14 @@ def _channels(model: nn.Module) -> dict[str, int]:
         elif isinstance(m, nn.Linear):
             out[n] = m.out_features
     return out
+
+
+def _library_frame(e: BaseException) -> str:
+    """`` (in Torch-Pruning's NAME)``: the library's innermost function in ``e``'s traceback."""
+    import traceback
+
+    names = [f.name for f in traceback.extract_tb(e.__traceback__) if "torch_pruning" in f.filename]
+    return f" (in Torch-Pruning's {names[-1]})" if names else ""
 
 
 def _first_line(e: BaseException) -> str:

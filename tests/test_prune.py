@@ -394,3 +394,20 @@ def test_pipeline_prunes_a_hybrid_backbone_and_says_what_it_kept(tiny_project):
     assert any("kept 1 layers whole" in w and "attn" in w for w in r["warnings"])
     m = json.loads((tiny_project / "dist" / "tiny-x86-onnxruntime-fp32" / "manifest.json").read_text())
     assert m["compression"]["prune"]["kept_automatically"] == ["attn"] and m["metrics"]["agreement"] == 1.0
+
+
+def test_trace_failure_after_a_whole_forward_names_no_layer(monkeypatch):
+    """Torch-Pruning builds its graph after one forward pass; a failure there (shufflenet_v2's
+    channel shuffle: ZeroDivisionError in its reshape mapping) is not the last layer's fault."""
+    import torch_pruning as tp
+
+    def fails_after_forward(self, model, example, **kw):
+        model(example)
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.pruner.BasePruner, "__init__", fails_after_forward)
+    model, head, x = _build("residual")
+    with pytest.raises(ModelError) as e:
+        prune_stage.prune_model(model, x, ratio=0.5, head=head)
+    assert "cannot trace" in e.value.message and "at layer" not in e.value.message
+    assert "cannot follow" in e.value.hint and "compress.distill.student" in e.value.hint
