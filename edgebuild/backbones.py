@@ -272,6 +272,20 @@ def load_weights(model: nn.Module, path: Path) -> None:
     load_state(target, sd)
 
 
+def drop_auxiliary_heads(model: nn.Module) -> list[str]:
+    """Remove the auxiliary classifiers of torchvision's GoogLeNet and Inception v3 (they run in
+    training mode only, beside the main head): edgebuild trains the main head, and a branch that
+    eval mode never runs is outside what pruning traces, so it would break training after pruning.
+    Returns the names removed."""
+    if not (isinstance(getattr(model, "aux_logits", None), bool) and model.aux_logits):
+        return []
+    model.aux_logits = False
+    dropped = [n for n in ("aux1", "aux2", "AuxLogits") if isinstance(getattr(model, n, None), nn.Module)]
+    for n in dropped:
+        setattr(model, n, None)
+    return dropped
+
+
 # ----------------------------------------------------------------------------------------------
 # Head replacement
 # ----------------------------------------------------------------------------------------------

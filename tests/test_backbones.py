@@ -294,3 +294,57 @@ def test_a_model_with_auxiliary_outputs_in_training_mode_trains_on_its_main_logi
     p.write_text(text)
     r = Build(load_build_config(p), out=tiny_project / "dist").run().report
     assert r["transfer"]["val_accuracy"] > 0.5  # it learned (3 classes): the main head was trained
+
+
+TV_AUX_BACKBONE = '''
+from collections import namedtuple
+
+import torch
+from torch import nn
+
+Outputs = namedtuple("Outputs", ["logits", "aux_logits1"])
+
+
+class GoogLeNetLike(nn.Module):
+    """torchvision's GoogLeNet in miniature: aux_logits, and an auxiliary head on an inner
+    feature map that only training mode runs."""
+
+    def __init__(self, aux_logits=True):
+        super().__init__()
+        self.aux_logits = aux_logits
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.aux1 = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)) if aux_logits else None
+        self.pool, self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(16, 10)
+
+    def forward(self, x):
+        f = self.conv1(x)
+        aux = self.aux1(f) if self.aux1 is not None and self.training else None
+        out = self.fc(self.pool(self.conv2(f)))
+        return Outputs(out, aux) if self.training and self.aux_logits else out
+
+
+def build():
+    return GoogLeNetLike()
+'''
+
+
+def test_auxiliary_heads_are_dropped_so_pruning_and_recovery_work(tiny_project):
+    """The pruned model's aux head (never traced: eval mode skips it) broke training mode."""
+    from edgebuild.config import load_build_config
+    from edgebuild.pipeline import Build
+
+    from conftest import write_config
+
+    (tiny_project / "backbone.py").write_text(TV_AUX_BACKBONE)
+    (tiny_project / "backbone.safetensors").unlink()
+    p = write_config(tiny_project, epochs=2, extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 1}\n")
+    p.write_text(p.read_text().replace("  weights: backbone.safetensors\n", ""))
+    r = Build(load_build_config(p), out=tiny_project / "dist").run().report
+    comp = r["compression"]["align 8"]["prune"]
+    assert comp["params"] < comp["params_before"]
+    ns = {}
+    exec(TV_AUX_BACKBONE, ns)
+    m = ns["build"]()
+    assert backbones.drop_auxiliary_heads(m) == ["aux1"] and m.aux1 is None and m.aux_logits is False
+    assert backbones.drop_auxiliary_heads(ns["GoogLeNetLike"](aux_logits=False)) == []

@@ -43,6 +43,7 @@ def build_architecture(cfg: BuildConfig, num_classes: int, load_pretrained: bool
     model = backbones.factory(cfg.backbone.source, cfg.root, pretrained)()
     if load_pretrained and cfg.backbone.weights:
         backbones.load_weights(model, cfg.resolve(cfg.backbone.weights))
+    backbones.drop_auxiliary_heads(model)
     head = backbones.find_head(model, cfg.backbone.classifier)
     seed_everything(cfg.seed)
     feats = backbones.replace_head(model, head, num_classes, example_input(cfg))
