@@ -169,7 +169,12 @@ def test_layer_that_breaks_the_pruned_model_is_kept_and_pruning_retried():
     assert model(x).shape == (1, 3)  # the caller's object holds the pruned model
 
 
-class _Attention(nn.Module):
+HYBRID_BACKBONE = '''
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
     def __init__(self, dim=16, num_heads=4):
         super().__init__()
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
@@ -180,33 +185,38 @@ class _Attention(nn.Module):
         return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
 
 
-class _Hybrid(nn.Module):
-    """Convolutions, then tokens through an attention block (a MobileViT in miniature)."""
-
+class Hybrid(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
-        self.attn, self.fc = _Attention(), nn.Linear(16, 3)
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+        self.attn, self.fc = Attention(), nn.Linear(16, 4)
 
     def forward(self, x):
-        t = self.conv2(torch.relu(self.conv1(x))).flatten(2).transpose(1, 2)
+        t = self.stem(x).flatten(2).transpose(1, 2)
         return self.fc((t + self.attn(t)).mean(1))
 
 
+def build():
+    return Hybrid()
+'''
+
+
 def test_attention_blocks_keep_their_channels(monkeypatch):
+    ns: dict = {}
+    exec(HYBRID_BACKBONE, ns)  # convolutions, then tokens through an attention block (a MobileViT in miniature)
     torch.manual_seed(0)
-    model, x = _Hybrid().eval(), torch.zeros(1, 1, 8, 8)
+    model, x = ns["build"]().eval(), torch.zeros(1, 1, 8, 8)
     info = prune_stage.prune_model(model, x, ratio=0.5, head="fc", align=4)
     assert info["kept_automatically"] == ["attn"]
-    assert model.conv1.out_channels == 16  # the convolutions still prune
-    assert model.attn.qkv.out_features == 48 and model.conv2.out_channels == 16  # the heads' width is whole
-    assert model(x).shape == (1, 3)
+    assert model.stem[0].out_channels == 16  # the convolutions still prune
+    assert model.attn.qkv.out_features == 48 and model.stem[3].out_channels == 16  # the heads' width is whole
+    assert model(x).shape == (1, 4)
     # without that, the heads' reshape breaks and keeping the one layer named does not help: exit 2 naming it
     import edgebuild.pruning as pruning
 
     monkeypatch.setattr(pruning, "attention_layers", lambda m: [])
     with pytest.raises(ModelError, match="right after layer 'attn.qkv'"):
-        prune_stage.prune_model(_Hybrid().eval(), x, ratio=0.5, head="fc", align=4)
+        prune_stage.prune_model(ns["build"]().eval(), x, ratio=0.5, head="fc", align=4)
 
 
 @pytest.mark.parametrize("kind", ["residual", "hf-mobilenetv2"])
@@ -341,52 +351,19 @@ def test_pipeline_prune_step_shared_per_align(tiny_project):
     assert m["metrics"]["fp32_reference_accuracy"] == r["transfer"]["val_accuracy"]
 
 
-HYBRID_BACKBONE = '''
-import torch
-from torch import nn
-
-
-class Attention(nn.Module):
-    def __init__(self, dim=16, num_heads=4):
-        super().__init__()
-        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
-
-
-class Hybrid(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
-        self.attn, self.fc = Attention(), nn.Linear(16, 4)
-
-    def forward(self, x):
-        t = self.stem(x).flatten(2).transpose(1, 2)
-        return self.fc((t + self.attn(t)).mean(1))
-
-
-def build():
-    return Hybrid()
-'''
 
 
 def test_pipeline_prunes_a_hybrid_backbone_and_says_what_it_kept(tiny_project):
-    import importlib.util
-
     from safetensors.torch import save_file
 
     from edgebuild.config import load_build_config
     from edgebuild.pipeline import Build
 
     (tiny_project / "backbone.py").write_text(HYBRID_BACKBONE)
-    spec = importlib.util.spec_from_file_location("hybrid_backbone", tiny_project / "backbone.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    ns: dict = {}
+    exec(HYBRID_BACKBONE, ns)
     torch.manual_seed(0)
-    save_file(mod.build().state_dict(), str(tiny_project / "backbone.safetensors"))
+    save_file(ns["build"]().state_dict(), str(tiny_project / "backbone.safetensors"))
     p = write_config(tiny_project, epochs=1, extra="compress:\n  prune: {ratio: 0.5, recover_epochs: 1}\n")
     r = Build(load_build_config(p), out=tiny_project / "dist").run().report
     comp = r["compression"]["align 8"]["prune"]
