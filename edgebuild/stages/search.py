@@ -43,6 +43,7 @@ from ..metrics import count_macs, count_params
 from ..profiles import unavailable_reason
 from ..pruning import recalibrate_bn
 from ..runtimes import adapter, open_runner
+from ..search_stats import paired_drop, pareto, spearman  # noqa: F401 - public names of this stage
 from . import export as export_stage
 from . import prune as prune_stage
 from . import transfer as transfer_stage
@@ -164,25 +165,6 @@ def measure(prof, art: Path, precision: str, X: np.ndarray, y: np.ndarray, secon
 # ----------------------------------------------------------------------------------------------
 # The search
 # ----------------------------------------------------------------------------------------------
-
-
-def pareto(rows: list[dict], acc_key: str = "proxy_accuracy") -> list[int]:
-    """Indices of rows no other row beats on both latency (lower) and accuracy (higher)."""
-    front = []
-    for i, r in enumerate(rows):
-        if not any((o["p50_ms"] <= r["p50_ms"] and o[acc_key] >= r[acc_key]) and (o["p50_ms"] < r["p50_ms"] or o[acc_key] > r[acc_key])
-                   for o in rows):
-            front.append(i)
-    return front
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ra, rb = (np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float) for v in (a, b))
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def groups(profiles: dict) -> dict[tuple, list[str]]:
@@ -379,15 +361,6 @@ def _finalists(b, prof, rows, budgets, base_hits, bstep, bdir, inputs, recover, 
             log(f"  search: the {sc.minutes} min limit is reached during full recovery")
             break
     return None
-
-
-def paired_drop(base_hits: np.ndarray, hits: np.ndarray) -> tuple[float, float]:
-    """The accuracy drop from ``base_hits`` to ``hits`` (which of the same images each model gets
-    right) and the half-width of its 95% interval: a normal approximation over the per-image
-    differences, so images both models get right or wrong add no noise."""
-    diff = np.asarray(base_hits, np.float64) - np.asarray(hits, np.float64)
-    ci = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-    return round(float(diff.mean()), 6), round(ci, 6)
 
 
 def _final(b, prof, r, bstep, bdir, inputs, recover) -> np.ndarray:
